@@ -1,0 +1,278 @@
+"""Hugging Face import and export for the GPT-2 and Llama families.
+
+Each family is one declarative table of tensor names plus a config mapping.
+A table row is (hf name, lbdl name(s), conv1d): `{i}` stands for the layer
+index; several lbdl names split one fused HF tensor along its output
+dimension (GPT-2's c_attn); conv1d marks GPT-2's Conv1D weights, stored
+(in, out) instead of nn.Linear's (out, in).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..errors import CheckpointError
+from ..model import GPT, ModelConfig
+from . import (
+    CONFIG_FILE, PICKLE_FILES, TOKENIZER_FILE, WEIGHTS_FILE, atomic_dir, check_tensors, load_model,
+    open_safetensors, write_json, write_model,
+)
+
+GPT2_TABLE = [
+    ("transformer.wte.weight", ("tok_emb.weight",), False),
+    ("transformer.wpe.weight", ("pos_emb.weight",), False),
+    ("transformer.h.{i}.ln_1.weight", ("blocks.{i}.norm1.weight",), False),
+    ("transformer.h.{i}.ln_1.bias", ("blocks.{i}.norm1.bias",), False),
+    ("transformer.h.{i}.attn.c_attn.weight",
+     ("blocks.{i}.attn.q_proj.weight", "blocks.{i}.attn.k_proj.weight", "blocks.{i}.attn.v_proj.weight"), True),
+    ("transformer.h.{i}.attn.c_attn.bias",
+     ("blocks.{i}.attn.q_proj.bias", "blocks.{i}.attn.k_proj.bias", "blocks.{i}.attn.v_proj.bias"), False),
+    ("transformer.h.{i}.attn.c_proj.weight", ("blocks.{i}.attn.o_proj.weight",), True),
+    ("transformer.h.{i}.attn.c_proj.bias", ("blocks.{i}.attn.o_proj.bias",), False),
+    ("transformer.h.{i}.ln_2.weight", ("blocks.{i}.norm2.weight",), False),
+    ("transformer.h.{i}.ln_2.bias", ("blocks.{i}.norm2.bias",), False),
+    ("transformer.h.{i}.mlp.c_fc.weight", ("blocks.{i}.mlp.up_proj.weight",), True),
+    ("transformer.h.{i}.mlp.c_fc.bias", ("blocks.{i}.mlp.up_proj.bias",), False),
+    ("transformer.h.{i}.mlp.c_proj.weight", ("blocks.{i}.mlp.down_proj.weight",), True),
+    ("transformer.h.{i}.mlp.c_proj.bias", ("blocks.{i}.mlp.down_proj.bias",), False),
+    ("transformer.ln_f.weight", ("norm_f.weight",), False),
+    ("transformer.ln_f.bias", ("norm_f.bias",), False),
+    ("lm_head.weight", ("lm_head.weight",), False),
+]
+
+LLAMA_TABLE = [
+    ("model.embed_tokens.weight", ("tok_emb.weight",), False),
+    ("model.layers.{i}.input_layernorm.weight", ("blocks.{i}.norm1.weight",), False),
+    *[(f"model.layers.{{i}}.self_attn.{p}_proj.{w}", (f"blocks.{{i}}.attn.{p}_proj.{w}",), False)
+      for p in "qkvo" for w in ("weight", "bias")],
+    ("model.layers.{i}.post_attention_layernorm.weight", ("blocks.{i}.norm2.weight",), False),
+    *[(f"model.layers.{{i}}.mlp.{p}_proj.{w}", (f"blocks.{{i}}.mlp.{p}_proj.{w}",), False)
+      for p in ("gate", "up", "down") for w in ("weight", "bias")],
+    ("model.norm.weight", ("norm_f.weight",), False),
+    ("lm_head.weight", ("lm_head.weight",), False),
+]
+
+# HF buffers that are not weights (older GPT-2 and Llama checkpoints store them)
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+
+
+# --- config mapping ---------------------------------------------------------------
+
+
+def _gpt2_config(hf: dict) -> ModelConfig:
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise CheckpointError(f"GPT-2 activation_function {act!r} is not supported; lbdl implements gelu_new (tanh GELU)")
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
+        if hf.get(flag):
+            raise CheckpointError(f"GPT-2 option {flag}=true is not supported by lbdl")
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", 1024), n_layer=hf["n_layer"],
+        n_head=hf["n_head"], n_embd=hf["n_embd"], intermediate_size=hf.get("n_inner") or 0,
+        mlp="gelu", norm="layernorm", positions="learned", bias=True,
+        tie_embeddings=hf.get("tie_word_embeddings", True), dropout=hf.get("resid_pdrop", 0.0),
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+    )
+
+
+def _llama_config(hf: dict) -> ModelConfig:
+    if hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"Llama hidden_act {hf['hidden_act']!r} is not supported; lbdl implements silu (SwiGLU)")
+    rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    for kind in (rope.get("rope_type"), scaling.get("rope_type", scaling.get("type"))):
+        if kind not in (None, "default"):
+            raise CheckpointError(f"Llama rope_type {kind!r} is not supported; lbdl implements the default rotary positions")
+    n_head = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // n_head
+    if head_dim * n_head != hf["hidden_size"]:
+        raise CheckpointError(f"Llama head_dim {head_dim} x {n_head} heads != hidden_size {hf['hidden_size']}; not supported")
+    if bool(hf.get("attention_bias")) != bool(hf.get("mlp_bias")):
+        raise CheckpointError("Llama attention_bias and mlp_bias differ; lbdl supports biases on all linear layers or none")
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 2048),
+        n_layer=hf["num_hidden_layers"], n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
+        n_embd=hf["hidden_size"], intermediate_size=hf["intermediate_size"], mlp="swiglu", norm="rmsnorm",
+        positions="rope", rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        bias=bool(hf.get("attention_bias")), tie_embeddings=hf.get("tie_word_embeddings", False),
+        dropout=hf.get("attention_dropout", 0.0), norm_eps=hf.get("rms_norm_eps", 1e-6),
+    )
+
+
+def _gpt2_hf_config(cfg: ModelConfig) -> dict:
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
+        "n_inner": cfg.intermediate_size, "activation_function": "gelu_new", "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout, "layer_norm_epsilon": cfg.norm_eps,
+        "initializer_range": 0.02, "scale_attn_weights": True, "use_cache": True,
+        "tie_word_embeddings": cfg.tie_embeddings,
+    }
+
+
+def _llama_hf_config(cfg: ModelConfig) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.n_embd, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "attention_bias": cfg.bias, "mlp_bias": cfg.bias, "attention_dropout": cfg.dropout,
+        "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": 0.02, "use_cache": True,
+    }
+
+
+def _gpt2_fits(cfg: ModelConfig) -> list[str]:
+    wrong = [f"{k}={getattr(cfg, k)!r}" for k, v in
+             (("mlp", "gelu"), ("norm", "layernorm"), ("positions", "learned"), ("bias", True)) if getattr(cfg, k) != v]
+    if cfg.n_kv_head != cfg.n_head:
+        wrong.append(f"n_kv_head={cfg.n_kv_head}")
+    return wrong
+
+
+def _llama_fits(cfg: ModelConfig) -> list[str]:
+    return [f"{k}={getattr(cfg, k)!r}" for k, v in
+            (("mlp", "swiglu"), ("norm", "rmsnorm"), ("positions", "rope")) if getattr(cfg, k) != v]
+
+
+FAMILIES = {
+    "GPT2LMHeadModel": dict(table=GPT2_TABLE, to_lbdl=_gpt2_config, to_hf=_gpt2_hf_config, fits=_gpt2_fits),
+    "LlamaForCausalLM": dict(table=LLAMA_TABLE, to_lbdl=_llama_config, to_hf=_llama_hf_config, fits=_llama_fits),
+}
+
+
+# --- tensors --------------------------------------------------------------------------
+
+
+def _expand(table, n_layer: int):
+    for hf_name, names, conv1d in table:
+        layers = range(n_layer) if "{i}" in hf_name else [None]
+        for i in layers:
+            yield hf_name.format(i=i), tuple(n.format(i=i) for n in names), conv1d
+
+
+def _read_hf_tensors(dir: Path) -> dict[str, torch.Tensor]:
+    index = dir / "model.safetensors.index.json"
+    if (dir / WEIGHTS_FILE).is_file():
+        files = [dir / WEIGHTS_FILE]
+    elif index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = [dir / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{index} names shard {f.name}, which is missing from {dir}")
+    else:
+        pickled = [p.name for p in dir.iterdir() if p.name in PICKLE_FILES or p.suffix == ".bin"]
+        if pickled:
+            raise CheckpointError(f"{dir} holds only {pickled[0]}; lbdl never loads pickle files: save the model with safe_serialization=True")
+        raise CheckpointError(f"{dir} has no {WEIGHTS_FILE} or model.safetensors.index.json")
+    tensors = {}
+    for f in files:
+        with open_safetensors(f) as st:
+            for k in st.keys():
+                tensors[k] = st.get_tensor(k)
+    return tensors
+
+
+def _hf_architecture(hf: dict, dir: Path) -> str:
+    arch = (hf.get("architectures") or [None])[0]
+    if arch is None:
+        arch = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}.get(hf.get("model_type"))
+    if arch not in FAMILIES:
+        raise CheckpointError(
+            f"{dir}: architecture {arch!r} is not supported; lbdl imports {', '.join(FAMILIES)}"
+        )
+    return arch
+
+
+def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtype | None = None,
+              force: bool = False) -> dict:
+    """Convert a Hugging Face GPT2LMHeadModel / LlamaForCausalLM directory into an lbdl model directory."""
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{hf_dir} has no {CONFIG_FILE}; expected a Hugging Face model directory")
+    try:
+        hf = json.loads((hf_dir / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{hf_dir / CONFIG_FILE} is not valid JSON ({e})") from None
+    arch = _hf_architecture(hf, hf_dir)
+    family = FAMILIES[arch]
+    try:
+        cfg = family["to_lbdl"](hf)
+    except KeyError as e:
+        raise CheckpointError(f"{hf_dir / CONFIG_FILE} lacks the field {e.args[0]!r} that {arch} needs") from None
+    tensors = _read_hf_tensors(hf_dir)
+    if arch == "GPT2LMHeadModel" and not any(k.startswith("transformer.") for k in tensors):
+        tensors = {(k if k.startswith("lm_head.") else "transformer." + k): v for k, v in tensors.items()}
+    tensors = {k: v for k, v in tensors.items() if not k.endswith(IGNORED_SUFFIXES)}
+    if cfg.tie_embeddings:
+        tensors.pop("lm_head.weight", None)  # tied: the head is the embedding itself
+
+    state, used = {}, set()
+    for hf_name, names, conv1d in _expand(family["table"], cfg.n_layer):
+        if hf_name not in tensors:
+            continue  # absent optional tensors (biases, head) are caught by the shape check below
+        t = tensors[hf_name]
+        used.add(hf_name)
+        if conv1d:
+            t = t.t()
+        for name, part in zip(names, t.chunk(len(names), dim=0)):
+            state[name] = part.contiguous()
+    unknown = sorted(set(tensors) - used)
+    if unknown:
+        raise CheckpointError(f"{hf_dir}: unexpected tensor(s) {', '.join(unknown[:3])} for {arch}")
+
+    with torch.device("meta"):
+        model = GPT(cfg)
+    check_tensors({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                  {k: tuple(v.shape) for k, v in state.items()}, hf_dir)
+    stored = {t.dtype for t in state.values()}
+    if dtype is None:  # keep the stored precision, but never float16 (slow on CPUs)
+        dtype = torch.float32 if torch.float16 in stored else None
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    model.load_state_dict(state, assign=True, strict=True)
+    model.reset_rope()
+    source = {"hf_architecture": arch, "path": str(hf_dir.resolve())}
+    tokenizer = hf_dir / TOKENIZER_FILE
+    with atomic_dir(out, force=force) as tmp:
+        write_model(tmp, model, tokenizer if tokenizer.is_file() else None, {"source": source})
+    return {"out": str(out), "architecture": arch, "params": model.num_params(),
+            "dtype": str(next(iter(state.values())).dtype).replace("torch.", ""), "model": cfg.to_dict()}
+
+
+def export_hf(model_dir: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> dict:
+    """Write an lbdl model as a transformers directory (config.json + model.safetensors)."""
+    model, config = load_model(model_dir)
+    if "quantization" in config:
+        raise CheckpointError(f"{model_dir} is quantized; export the unquantized model (transformers cannot read lbdl's packed blocks)")
+    cfg = model.config
+    fits = {arch: fam["fits"](cfg) for arch, fam in FAMILIES.items()}
+    arch = next((a for a, wrong in fits.items() if not wrong), None)
+    if arch is None:
+        why = "; ".join(f"{a} needs to change {', '.join(w)}" for a, w in fits.items())
+        raise CheckpointError(f"{model_dir} fits no Hugging Face architecture lbdl exports ({why})")
+    family = FAMILIES[arch]
+    state = model.state_dict()
+    out_tensors = {}
+    for hf_name, names, conv1d in _expand(family["table"], cfg.n_layer):
+        if not all(n in state for n in names):
+            continue
+        t = torch.cat([state[n] for n in names], dim=0)
+        out_tensors[hf_name] = (t.t() if conv1d else t).contiguous()
+    hf_config = family["to_hf"](cfg)
+    hf_config["dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
+    with atomic_dir(out, force=force) as tmp:
+        save_file(out_tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_json(tmp / CONFIG_FILE, hf_config)
+        tokenizer = Path(model_dir) / TOKENIZER_FILE
+        if tokenizer.is_file():
+            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+    return {"out": str(out), "architecture": arch, "tensors": len(out_tensors)}

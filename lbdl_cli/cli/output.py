@@ -1,0 +1,102 @@
+"""Rendering shared by the commands: --json, tables, progress bars.
+
+Human output goes to stdout through rich; progress bars draw on stderr and
+only on a terminal; with --json the last line of stdout is one JSON object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from typing import Callable
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False)
+
+JSON_OPTION = typer.Option(False, "--json", help="Print one JSON object as the last line of output.")
+FORCE_OPTION = typer.Option(False, "--force", help="Overwrite the output directory if it exists.")
+SEED_OPTION = typer.Option(1337, "--seed", help="Seed for every random step.")
+DTYPE_OPTION = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 (never float16 on CPU).")
+DEVICE_OPTION = typer.Option("auto", "--device", help="auto | cpu | cuda.")
+
+
+def emit(result: dict, as_json: bool, render: Callable[[], None]) -> None:
+    """Print `result` as JSON (last line of stdout) or render it for a person."""
+    if as_json:
+        sys.stdout.write(json.dumps(result, default=str) + "\n")
+        sys.stdout.flush()
+    else:
+        render()
+
+
+def note(message: str) -> None:
+    """A side remark for a person (stderr, so that stdout stays parseable)."""
+    err_console.print(message)
+
+
+def kv_table(rows: dict, title: str | None = None) -> Table:
+    table = Table(title=title, show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for k, v in rows.items():
+        table.add_row(str(k), str(v))
+    return table
+
+
+def human_count(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def human_bytes(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+@contextlib.contextmanager
+def progress(description: str, total: float | None = None, quiet: bool = False):
+    """Yield a callback `update(advance=1, **fields)`; a rich bar on a terminal, silent otherwise."""
+    if quiet or not err_console.is_terminal:
+        yield lambda advance=1, **fields: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}")]
+    with Progress(*columns, console=err_console, transient=False) as bar:
+        task = bar.add_task(description, total=total, status="")
+
+        def update(advance=1, status: str | None = None, total: float | None = None):
+            changes = {"advance": advance}
+            if status is not None:
+                changes["status"] = status
+            if total is not None:
+                changes["total"] = total
+            bar.update(task, **changes)
+
+        yield update
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        from ..errors import ConfigError
+
+        raise ConfigError(f"unknown device {name!r}; choose auto, cpu or cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        from ..errors import ConfigError
+
+        raise ConfigError("--device cuda asked for, but torch sees no CUDA device; use --device cpu or install a CUDA build of torch")
+    return name

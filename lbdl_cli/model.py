@@ -1,0 +1,367 @@
+"""The GPT: one decoder-only transformer that covers the GPT-2 family (LBDL 5.3:
+LayerNorm, learned positions, GELU MLP, biases) and the Llama family (RMSNorm,
+rotary positions, SwiGLU MLP, no biases, grouped-query attention) as configs.
+
+Reads top-down in architecture order: config, norms, positions, attention
+(with its KV cache), MLP, block, GPT.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import ConfigError
+
+MLP_KINDS = ("gelu", "swiglu")
+NORM_KINDS = ("layernorm", "rmsnorm")
+POSITION_KINDS = ("learned", "rope")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 4096
+    block_size: int = 256  # the longest context the model accepts
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 0  # 0 means n_head (plain multi-head attention)
+    n_embd: int = 128
+    intermediate_size: int = 0  # 0 means 4 * n_embd (gelu) or the Llama rule (swiglu)
+    mlp: str = "gelu"  # gelu (GPT-2's tanh approximation) | swiglu
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    positions: str = "learned"  # learned | rope
+    rope_theta: float = 10000.0
+    bias: bool = True  # biases in every linear layer and LayerNorm
+    tie_embeddings: bool = True  # the head reuses the token embedding matrix
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        def positive(name):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"model config: {name} must be a positive integer, got {value!r}")
+
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            positive(name)
+        if self.n_kv_head == 0:
+            object.__setattr__(self, "n_kv_head", self.n_head)
+        positive("n_kv_head")
+        if self.intermediate_size == 0:
+            object.__setattr__(self, "intermediate_size", default_intermediate_size(self.n_embd, self.mlp))
+        positive("intermediate_size")
+        for name, allowed in (("mlp", MLP_KINDS), ("norm", NORM_KINDS), ("positions", POSITION_KINDS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"model config: {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"model config: n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})"
+            )
+        if self.n_head % self.n_kv_head:
+            raise ConfigError(
+                f"model config: n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})"
+            )
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ConfigError(f"model config: rotary positions need an even head size, got {self.head_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model config: dropout must be in [0, 1), got {self.dropout}")
+        if not self.norm_eps > 0:
+            raise ConfigError(f"model config: norm_eps must be positive, got {self.norm_eps}")
+        if not self.rope_theta > 0:
+            raise ConfigError(f"model config: rope_theta must be positive, got {self.rope_theta}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(
+                f"model config: unknown field(s) {', '.join(unknown)}; valid fields are {', '.join(sorted(known))}"
+            )
+        return cls(**d)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return ModelConfig.from_dict({**self.to_dict(), **changes})
+
+
+def default_intermediate_size(n_embd: int, mlp: str) -> int:
+    if mlp == "swiglu":  # Llama: 2/3 of 4*C, rounded up to a multiple of 64
+        return 64 * math.ceil(int(8 * n_embd / 3) / 64)
+    return 4 * n_embd
+
+
+# --- norms -------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):  # (B, T, C)
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.n_embd, cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+# --- rotary positions ----------------------------------------------------------
+
+
+def rope_tables(head_dim: int, length: int, theta: float, device=None):
+    """cos and sin tables (length, head_dim), halves layout (as Hugging Face Llama)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    freqs = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):  # x (B, H, T, D); cos, sin (T, D)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+# --- attention and its KV cache -------------------------------------------------
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, preallocated per layer.
+
+    `length` is the number of cached positions; the model writes new positions
+    at [length, length + T) and advances it after the last layer.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int | None = None, device=None, dtype=None):
+        self.max_len = max_len or cfg.block_size
+        shape = (batch_size, cfg.n_kv_head, self.max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.length = 0
+
+    def update(self, layer: int, k, v):  # k, v (B, Hkv, T, D) -> all cached (B, Hkv, length+T, D)
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        kv_dim = cfg.n_kv_head * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.n_embd, kv_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.n_embd, kv_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope=None, cache: KVCache | None = None):
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(self.layer, k, v)  # (B, Hkv, past+T, D)
+        mask, is_causal = None, T > 1
+        if past and T > 1:  # new queries attend to every cached key and causally among themselves
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            is_causal = False
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.o_proj(y))
+
+
+# --- feed-forward ---------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        if self.swiglu:
+            self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):  # (B, T, C)
+        if self.swiglu:
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        else:
+            h = F.gelu(self.up_proj(x), approximate="tanh")
+        return self.dropout(self.down_proj(h))  # (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.attn = CausalSelfAttention(cfg, layer)
+        self.norm2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope=None, cache=None):
+        x = x + self.attn(self.norm1(x), rope, cache)
+        return x + self.mlp(self.norm2(x))
+
+
+# --- the model --------------------------------------------------------------------
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        if cfg.positions == "learned":
+            self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg)
+        # with tied embeddings the head is tok_emb.weight itself: no extra tensor
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.reset_rope()
+        if self.tok_emb.weight.device.type != "meta":
+            self.apply(self._init_weights)
+            scaled_std = 0.02 / math.sqrt(2 * cfg.n_layer)  # GPT-2: residual projections
+            for block in self.blocks:
+                nn.init.normal_(block.attn.o_proj.weight, std=scaled_std)
+                nn.init.normal_(block.mlp.down_proj.weight, std=scaled_std)
+            # The head's logits have std = std(W) * sqrt(n_embd) after the final
+            # norm, and a random-token loss of about ln(V) + std^2 / 2. GPT-2's
+            # plain 0.02 gives +0.17 nats at n_embd 768; capping the head's std
+            # at 0.3 / sqrt(n_embd) keeps a fresh model within 0.1 of ln(V).
+            head = self.lm_head.weight if self.lm_head is not None else self.tok_emb.weight
+            nn.init.normal_(head, std=min(0.02, 0.3 / math.sqrt(cfg.n_embd)))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def reset_rope(self, device=None):
+        """(Re)build the rotary tables; called after loading onto a real device."""
+        cfg = self.config
+        if cfg.positions != "rope":
+            self.rope_cos = self.rope_sin = None
+            return
+        cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta, device=device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, idx, targets=None, cache: KVCache | None = None):
+        """idx (B, T) token ids -> logits (B, T, V), or the mean cross-entropy with targets.
+
+        With a cache, idx holds only the new tokens; their positions continue
+        from `cache.length`, which advances by T.
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} positions is longer than block_size {self.config.block_size}")
+        x = self.tok_emb(idx)  # (B, T, C)
+        rope = None
+        if self.config.positions == "learned":
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rope, cache)
+        if cache is not None:
+            cache.length += T
+        x = self.norm_f(x)
+        head = self.lm_head.weight if self.lm_head is not None else self.tok_emb.weight
+        logits = F.linear(x, head)  # (B, T, V)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        w = self.tok_emb.weight
+        return KVCache(self.config, batch_size, max_len, device=w.device, dtype=w.dtype)
+
+    # --- sizes -------------------------------------------------------------------
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.tok_emb.weight.numel()
+            if self.config.positions == "learned":
+                n -= self.pos_emb.weight.numel()
+        return n
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Parameter count of a config, without building its tensors."""
+    with torch.device("meta"):
+        return GPT(cfg).num_params()
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, training: bool = True) -> float:
+    """Analytic FLOPs per token (PaLM appendix B convention).
+
+    Forward: 2 FLOPs per weight of every matrix multiply (the head included,
+    embeddings' lookups excluded) plus 4 * n_layer * T * n_embd for QK^T and AV
+    over a context of T. Training (forward + backward) is 3x the forward.
+    """
+    T = seq_len or cfg.block_size
+    C, L, F_ = cfg.n_embd, cfg.n_layer, cfg.intermediate_size
+    kv = cfg.n_kv_head * cfg.head_dim
+    attn = C * C * 2 + 2 * C * kv  # q, o, k, v
+    mlp = C * F_ * (3 if cfg.mlp == "swiglu" else 2)
+    matmul_params = L * (attn + mlp) + C * cfg.vocab_size
+    forward = 2 * matmul_params + 4 * L * T * C
+    return float(3 * forward if training else forward)
+
+
+@torch.no_grad()
+def random_token_loss(model: GPT, batch_size: int = 4, seq_len: int = 128, seed: int = 0) -> float:
+    """Mean cross-entropy of the model on uniformly random tokens.
+
+    A freshly initialised model should score close to ln(V) (LBDL 3.2): a
+    first check that the forward pass and the initialisation are sound.
+    """
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    T = min(seq_len, cfg.block_size)
+    idx = torch.randint(0, cfg.vocab_size, (batch_size, T + 1), generator=g)
+    idx = idx.to(model.tok_emb.weight.device)
+    was_training = model.training
+    model.eval()
+    loss = model(idx[:, :-1], targets=idx[:, 1:]).item()
+    model.train(was_training)
+    return loss
