@@ -1,0 +1,211 @@
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import lbdl_cli.checkpoint as ckpt
+from lbdl_cli.checkpoint import (
+    atomic_dir, create_model, default_model_dir, load_model, load_preset, model_info, preset_names, save_model,
+)
+from lbdl_cli.errors import CheckpointError, ConfigError
+
+from conftest import tiny_model
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = tiny_model(family="llama")
+    out = save_model(model, tmp_path / "m")
+    return model, out
+
+
+def test_round_trip_is_exact(saved):
+    model, out = saved
+    loaded, config = load_model(out)
+    assert config["format_version"] == ckpt.FORMAT_VERSION
+    assert loaded.config == model.config
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    x = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_load_keeps_stored_dtype_or_converts(tmp_path):
+    out = save_model(tiny_model().to(torch.bfloat16), tmp_path / "bf16")
+    loaded, _ = load_model(out)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    loaded32, _ = load_model(out, dtype="float32")
+    assert {p.dtype for p in loaded32.parameters()} == {torch.float32}
+    assert model_info(out)["dtypes"] == ["BF16"]
+
+
+def test_load_builds_nothing_on_meta(saved):
+    loaded, _ = load_model(saved[1])
+    assert all(t.device.type == "cpu" for t in list(loaded.parameters()) + list(loaded.buffers()))
+
+
+def test_existing_output_is_refused_unless_forced(saved, tmp_path):
+    model, out = saved
+    with pytest.raises(CheckpointError, match="already exists.*--force"):
+        save_model(model, out)
+    other = tiny_model(seed=1, family="llama")
+    save_model(other, out, force=True)
+    loaded, _ = load_model(out)
+    assert torch.equal(loaded.tok_emb.weight, other.tok_emb.weight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary or old siblings left
+
+
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", boom)
+    with pytest.raises(OSError):
+        save_model(tiny_model(), tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_overwrite_keeps_the_old_directory(saved, tmp_path, monkeypatch):
+    model, out = saved
+    monkeypatch.setattr(ckpt, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        save_model(model, out, force=True)
+    assert load_model(out)[0].config == model.config
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_atomic_dir_refuses_a_file(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(CheckpointError, match="not a directory"):
+        with atomic_dir(tmp_path / "f", force=True):
+            pass
+
+
+# --- bad input: each a one-line CheckpointError naming the problem ----------------------
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "nope")
+
+
+def test_missing_config(saved):
+    (saved[1] / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_model(saved[1])
+
+
+def test_invalid_config_json(saved):
+    (saved[1] / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_model(saved[1])
+
+
+def test_missing_weights(saved):
+    (saved[1] / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_model(saved[1])
+
+
+def test_pickle_is_refused(saved):
+    (saved[1] / "model.safetensors").rename(saved[1] / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="never loads pickle"):
+        load_model(saved[1])
+
+
+def test_truncated_weights(saved):
+    path = saved[1] / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_model(saved[1])
+
+
+def test_garbage_weights(saved):
+    (saved[1] / "model.safetensors").write_bytes(os.urandom(4096))
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_model(saved[1])
+
+
+def test_shape_mismatch_names_tensor_and_shapes(saved):
+    path = saved[1] / "config.json"
+    config = json.loads(path.read_text())
+    config["model"]["vocab_size"] = 100
+    path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"tensor tok_emb.weight has shape \[97, 32\] but the config expects \[100, 32\]"):
+        load_model(saved[1])
+
+
+def test_missing_tensor(saved):
+    model, out = saved
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "norm_f.weight"}
+    save_file(state, str(out / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="missing tensor.*norm_f.weight"):
+        load_model(out)
+
+
+def test_unexpected_tensor(saved):
+    model, out = saved
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state["extra.weight"] = torch.zeros(2)
+    save_file(state, str(out / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="unexpected tensor.*extra.weight"):
+        load_model(out)
+
+
+def test_unknown_format_version(saved):
+    path = saved[1] / "config.json"
+    config = json.loads(path.read_text())
+    config["format_version"] = 99
+    path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="format_version 99"):
+        load_model(saved[1])
+
+
+def test_invalid_model_config_names_the_file(saved):
+    path = saved[1] / "config.json"
+    config = json.loads(path.read_text())
+    config["model"]["mlp"] = "relu"
+    path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="config.json: model config: mlp"):
+        load_model(saved[1])
+
+
+def test_hf_directory_gets_a_hint(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(CheckpointError, match="lbdl import"):
+        load_model(tmp_path)
+
+
+# --- presets and metadata -------------------------------------------------------------
+
+
+def test_presets_by_exact_name():
+    assert {"nano", "micro", "small", "gpt2-124m", "llama-tiny"} <= set(preset_names())
+    cfg, _ = load_preset("llama-tiny")
+    assert (cfg.n_head, cfg.n_kv_head, cfg.mlp, cfg.positions) == (8, 2, "swiglu", "rope")
+    with pytest.raises(ConfigError, match="unknown preset 'Nano'; valid presets: gpt2-124m, llama-tiny"):
+        load_preset("Nano")
+
+
+def test_create_model_and_info(tmp_path):
+    result = create_model("nano", tmp_path / "m", vocab_size=512, seed=3)
+    assert abs(result["initial_loss"] - result["ln_vocab"]) < 0.1
+    info = model_info(tmp_path / "m")
+    assert info["params"] == result["params"] == load_model(tmp_path / "m")[0].num_params()
+    assert info["model"]["vocab_size"] == 512 and info["dtypes"] == ["F32"]
+    assert info["size_bytes"] > 4 * info["params"]
+    assert info["source"] == {"preset": "nano", "seed": 3}
+    again = create_model("nano", tmp_path / "m2", vocab_size=512, seed=3)
+    a, b = load_model(tmp_path / "m")[0], load_model(tmp_path / "m2")[0]
+    assert again["initial_loss"] == result["initial_loss"]
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_default_model_dir_is_clear_when_absent(monkeypatch, tmp_path):
+    monkeypatch.setattr(ckpt, "_presets_root", lambda: tmp_path)
+    with pytest.raises(CheckpointError, match="bundled default model is missing"):
+        default_model_dir()

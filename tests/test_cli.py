@@ -1,0 +1,109 @@
+"""The command line: exit codes, one-line errors, --json, no torch at start-up."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lbdl_cli import __version__
+
+
+def run(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "lbdl_cli", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+
+
+def test_help_and_version_do_not_import_torch():
+    code = ("import sys; from lbdl_cli.cli import build_app; build_app(); "
+            "print('torch' in sys.modules, 'numpy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+def test_version_and_help(cli):
+    r = cli("--version")
+    assert r.code == 0 and r.out.strip() == f"lbdl {__version__}"
+    r = cli("--help")
+    assert r.code == 0
+    for command in ("info", "init", "presets", "import", "export"):
+        assert command in r.out
+
+
+def test_usage_error_exits_2(cli):
+    r = cli("info")
+    assert r.code == 2 and "Missing argument" in r.err
+
+
+def test_library_error_is_one_line_exit_2(tmp_path):
+    r = run("info", tmp_path / "missing")
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"lbdl: error: model directory {tmp_path / 'missing'} does not exist"
+    assert "Traceback" not in r.stderr
+
+
+def test_unexpected_failure_is_one_line_exit_1(cli, monkeypatch):
+    import lbdl_cli.checkpoint
+
+    def broken(path):
+        raise RuntimeError("something broke\nsecond line")
+
+    monkeypatch.setattr(lbdl_cli.checkpoint, "model_info", broken)
+    monkeypatch.delenv("LBDL_DEBUG", raising=False)
+    r = cli("info", "x")
+    assert r.code == 1
+    assert r.err.strip().splitlines() == [
+        "lbdl: failed: RuntimeError: something broke (set LBDL_DEBUG=1 for the traceback)"]
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    r = run("info", tmp_path / "missing", env={"LBDL_DEBUG": "1"})
+    assert r.returncode == 1 and "Traceback" in r.stderr and "CheckpointError" in r.stderr
+
+
+def test_init_info_json(cli, tmp_path):
+    r = cli("init", "--preset", "nano", "--out", tmp_path / "m", "--vocab-size", 300, "--json")
+    assert r.code == 0
+    created = r.json()
+    assert created["params"] > 0 and abs(created["initial_loss"] - created["ln_vocab"]) < 0.1
+    r = cli("info", tmp_path / "m", "--json")
+    info = r.json()
+    assert info["params"] == created["params"] and info["model"]["vocab_size"] == 300
+    r = cli("info", tmp_path / "m")
+    assert r.code == 0 and "parameters" in r.out and "layernorm" in r.out
+
+
+def test_init_refuses_existing_output_and_writes_nothing(cli, tmp_path):
+    assert cli("init", "--preset", "nano", "--out", tmp_path / "m").code == 0
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = cli("init", "--preset", "nano", "--out", tmp_path / "m")
+    assert r.code == 2 and "already exists" in r.err and len(r.err.strip().splitlines()) == 1
+    r = cli("init", "--preset", "nope", "--out", tmp_path / "n")
+    assert r.code == 2 and "valid presets:" in r.err
+    r = cli("init", "--preset", "nano", "--out", tmp_path / "n", "--dtype", "float64")
+    assert r.code == 2 and "unknown dtype" in r.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_presets_json(cli):
+    r = cli("presets", "--json")
+    names = {p["name"]: p for p in r.json()["presets"]}
+    assert names["gpt2-124m"]["params"] == 124_439_808
+    assert names["llama-tiny"]["model"]["n_kv_head"] == 2
+
+
+def test_import_export_commands(cli, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=0))
+    hf.save_pretrained(tmp_path / "hf")
+    r = cli("import", tmp_path / "hf", "--out", tmp_path / "m", "--json")
+    assert r.code == 0 and r.json()["architecture"] == "LlamaForCausalLM"
+    r = cli("export", tmp_path / "m", "--to", "gguf", "--out", tmp_path / "x")
+    assert r.code == 2 and "unknown export format 'gguf'; valid formats: hf" in r.err
+    r = cli("export", tmp_path / "m", "--to", "hf", "--out", tmp_path / "hf2", "--json")
+    assert r.code == 0 and r.json()["architecture"] == "LlamaForCausalLM"
+    assert json.loads((tmp_path / "hf2" / "config.json").read_text())["num_key_value_heads"] == 2
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,183 @@
+import math
+
+import pytest
+import torch
+
+from lbdl_cli.checkpoint import load_preset, preset_names
+from lbdl_cli.errors import ConfigError
+from lbdl_cli.model import GPT, ModelConfig, count_params, flops_per_token, random_token_loss
+
+from conftest import TINY_GPT2, TINY_LLAMA, tiny_model
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(n_embd=30, n_head=4), "multiple of n_head"),
+    (dict(n_head=4, n_kv_head=3), "multiple of n_kv_head"),
+    (dict(vocab_size=0), "vocab_size"),
+    (dict(block_size=-1), "block_size"),
+    (dict(mlp="relu"), "mlp must be one of"),
+    (dict(norm="batchnorm"), "norm must be one of"),
+    (dict(positions="alibi"), "positions must be one of"),
+    (dict(dropout=1.0), "dropout"),
+    (dict(norm_eps=0.0), "norm_eps"),
+    (dict(n_embd=36, n_head=4, positions="rope"), "even head size"),
+])
+def test_config_rejects_bad_values(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig(**{**TINY_GPT2, **bad})
+
+
+def test_config_defaults_and_round_trip():
+    cfg = ModelConfig(**TINY_GPT2)
+    assert cfg.n_kv_head == cfg.n_head and cfg.intermediate_size == 4 * cfg.n_embd
+    llama = ModelConfig(**{**TINY_LLAMA, "n_embd": 256, "n_head": 8})
+    assert llama.intermediate_size == 704  # 8/3 * 256 = 682, rounded up to a multiple of 64
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="unknown field"):
+        ModelConfig.from_dict({**cfg.to_dict(), "n_layers": 3})
+
+
+def test_param_count_known_answer():
+    # GPT-2 family, tied: wte V*C + wpe T*C + L*(2 LN (2C each) + qkvo 4(C*C+C) + mlp C*4C+4C + 4C*C+C) + ln_f 2C
+    V, T, L, C = 97, 32, 2, 32
+    per_layer = 4 * C + 4 * (C * C + C) + (C * 4 * C + 4 * C) + (4 * C * C + C)
+    expected = V * C + T * C + L * per_layer + 2 * C
+    assert count_params(ModelConfig(**TINY_GPT2)) == expected == tiny_model().num_params()
+    untied = tiny_model(tie_embeddings=False)
+    assert untied.num_params() == expected + V * C
+
+
+def test_gpt2_124m_preset_has_gpt2_small_parameter_count():
+    cfg, _ = load_preset("gpt2-124m")
+    assert count_params(cfg) == 124_439_808  # Hugging Face gpt2: 124,439,808 parameters
+
+
+def test_flops_per_token_known_answer():
+    cfg = ModelConfig(**TINY_GPT2)
+    C, L, V, T = 32, 2, 97, 16
+    matmul = L * (4 * C * C + 8 * C * C) + C * V
+    assert flops_per_token(cfg, T, training=False) == 2 * matmul + 4 * L * T * C
+    assert flops_per_token(cfg, T) == 3 * flops_per_token(cfg, T, training=False)
+
+
+@pytest.mark.parametrize("preset", ["nano", "micro", "llama-tiny", "gpt2-124m"])
+def test_fresh_model_loss_is_near_ln_vocab(preset):
+    cfg, _ = load_preset(preset)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    assert abs(random_token_loss(model) - math.log(cfg.vocab_size)) < 0.1
+
+
+def test_residual_projection_init_is_scaled():
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**TINY_GPT2, "n_embd": 256, "n_head": 4, "n_layer": 8})
+    model = GPT(cfg)
+    std = model.blocks[0].mlp.down_proj.weight.std().item()
+    assert std == pytest.approx(0.02 / math.sqrt(2 * 8), rel=0.05)
+    assert model.blocks[0].mlp.up_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.blocks[0].attn.q_proj.bias.abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_attention_is_causal(family):
+    model = tiny_model(family=family)
+    x = torch.randint(0, 97, (2, 20))
+    y = x.clone()
+    y[:, 12:] = torch.randint(0, 97, (2, 8))
+    with torch.no_grad():
+        a, b = model(x), model(y)
+    torch.testing.assert_close(a[:, :12], b[:, :12])
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_kv_cache_matches_full_forward(family):
+    model = tiny_model(family=family)
+    x = torch.randint(0, 97, (3, 24))
+    with torch.no_grad():
+        full = model(x)
+        cache = model.new_cache(3)
+        parts = [model(x[:, :10], cache=cache), model(x[:, 10:17], cache=cache)]
+        parts += [model(x[:, t:t + 1], cache=cache) for t in range(17, 24)]
+    assert cache.length == 24
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_context_longer_than_block_size_is_refused():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="longer than block_size"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+    cache = model.new_cache(1)
+    model(torch.zeros(1, 30, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="longer than block_size"):
+        model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+
+
+def test_grouped_query_attention_equals_repeated_heads():
+    """GQA with 2 kv heads == full multi-head attention whose k/v heads are the repeated pairs."""
+    gqa = tiny_model(family="llama")
+    mha = tiny_model(family="llama", n_kv_head=4)
+    state = gqa.state_dict()
+    hd = 8
+    for i in range(2):
+        for p in ("k_proj", "v_proj"):
+            w = state[f"blocks.{i}.attn.{p}.weight"].view(2, hd, 32)
+            state[f"blocks.{i}.attn.{p}.weight"] = w.repeat_interleave(2, dim=0).reshape(4 * hd, 32)
+    mha.load_state_dict(state)
+    x = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(gqa(x), mha(x), atol=1e-5, rtol=1e-5)
+
+
+def test_tied_head_is_the_embedding():
+    model = tiny_model()
+    assert model.lm_head is None and "lm_head.weight" not in model.state_dict()
+    x = torch.randint(0, 97, (1, 8))
+    model(x, targets=x).backward()
+    assert model.tok_emb.weight.grad is not None
+    untied = tiny_model(family="llama")
+    assert untied.lm_head is not None and "lm_head.weight" in untied.state_dict()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_every_parameter_gets_a_gradient(family):
+    model = tiny_model(family=family).train()
+    x = torch.randint(0, 97, (2, 16))
+    model(x[:, :-1], targets=x[:, 1:]).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_loss_ignores_minus_100_targets():
+    model = tiny_model()
+    x = torch.randint(0, 97, (1, 9))
+    targets = x[:, 1:].clone()
+    targets[:, :4] = -100
+    logits = model(x[:, :-1])
+    expected = torch.nn.functional.cross_entropy(logits[0, 4:], targets[0, 4:])
+    torch.testing.assert_close(model(x[:, :-1], targets=targets), expected)
+
+
+def test_dropout_only_in_training():
+    model = tiny_model(dropout=0.5)
+    x = torch.randint(0, 97, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), model(x))
+        model.train()
+        assert not torch.allclose(model(x), model(x))
+
+
+def test_bfloat16_forward_close_to_float32():
+    model = tiny_model(family="llama")
+    x = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        ref = model(x)
+        low = model.to(torch.bfloat16)(x)
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - ref).abs().max() < 0.05
+
+
+def test_every_preset_builds():
+    for name in preset_names():
+        cfg, description = load_preset(name)
+        assert description and count_params(cfg) > 0

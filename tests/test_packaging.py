@@ -1,0 +1,24 @@
+"""The presets and the bundled default model travel with a plain (non-editable) install."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_carries_the_models_folder(tmp_path):
+    pytest.importorskip("setuptools")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    wheel = next(tmp_path.glob("lbdl-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    presets = {p.name for p in (ROOT / "models").glob("*.json")}
+    assert presets and {f"lbdl_cli/presets/{p}" for p in presets} <= names
+    for path in (ROOT / "models").glob("*/*"):  # the bundled default model, once there is one
+        assert f"lbdl_cli/presets/{path.parent.name}/{path.name}" in names
+    for package in ("lbdl_cli/cli/__init__.py", "lbdl_cli/checkpoint/hf.py", "tokenizer/__init__.py", "quant/__init__.py"):
+        assert package in names
