@@ -20,3 +20,15 @@ class CheckpointError(LbdlError):
 
 class DataError(LbdlError):
     """A corpus, shard, tokenizer or task file that cannot be used."""
+
+
+class OutputExistsError(CheckpointError, DataError):
+    """An output directory that exists (without --force), or a file in its place."""
+
+
+class RunFailed(Exception):
+    """A run that started but could not finish (a diverged loss, an interrupt).
+
+    Not bad input: the CLI prints the message as one line and exits 1 (130 for
+    an interrupt), without the internal-error wording.
+    """

@@ -20,5 +20,6 @@ def test_wheel_carries_the_models_folder(tmp_path):
     assert presets and {f"lbdl_cli/presets/{p}" for p in presets} <= names
     for path in (ROOT / "models").glob("*/*"):  # the bundled default model, once there is one
         assert f"lbdl_cli/presets/{path.parent.name}/{path.name}" in names
-    for package in ("lbdl_cli/cli/__init__.py", "lbdl_cli/checkpoint/hf.py", "tokenizer/__init__.py", "quant/__init__.py"):
-        assert package in names
+    for top in ("lbdl_cli", "tokenizer", "quant"):  # every module of every package
+        for module in (ROOT / top).rglob("*.py"):
+            assert str(module.relative_to(ROOT)) in names, module

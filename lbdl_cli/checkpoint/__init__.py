@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..atomic import atomic_dir  # noqa: F401  (re-exported: the model directory's writer)
 from ..errors import CheckpointError, ConfigError
 from ..model import GPT, ModelConfig
 
@@ -62,38 +63,6 @@ def default_model_dir() -> Path:
     return path
 
 
-# --- atomic directory writes --------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike, force: bool = False):
-    """Yield a temporary sibling of `out`; on success it replaces `out` in one rename.
-
-    On any failure the temporary directory is removed and `out` is untouched.
-    """
-    out = Path(out)
-    if out.exists() and not force:
-        raise CheckpointError(f"output directory {out} already exists; choose another path or pass --force")
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"output path {out} exists and is not a directory; remove it or choose another path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
@@ -101,25 +70,21 @@ def write_json(path: Path, obj) -> None:
 # --- save ---------------------------------------------------------------------------
 
 
-def state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-
-
-def write_model(dir: Path, model: GPT, tokenizer: str | os.PathLike | None = None,
-                sections: dict | None = None) -> None:
+def write_model(dir: Path, config: ModelConfig, state: dict[str, torch.Tensor],
+                tokenizer: str | os.PathLike | None = None, sections: dict | None = None) -> None:
     """Write config.json, model.safetensors (and tokenizer.model) into an existing directory."""
-    config = {"format_version": FORMAT_VERSION, "model": model.config.to_dict(), **(sections or {})}
-    save_file(state_dict_for_save(model), str(dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(dir / WEIGHTS_FILE),
+              metadata={"format": "pt"})
     if tokenizer is not None:
         shutil.copyfile(tokenizer, dir / TOKENIZER_FILE)
-    write_json(dir / CONFIG_FILE, config)
+    write_json(dir / CONFIG_FILE, {"format_version": FORMAT_VERSION, "model": config.to_dict(), **(sections or {})})
 
 
 def save_model(model: GPT, out: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
                sections: dict | None = None, force: bool = False) -> Path:
     """Save a model directory atomically: a crash never leaves a half-written `out`."""
     with atomic_dir(out, force=force) as tmp:
-        write_model(tmp, model, tokenizer, sections)
+        write_model(tmp, model.config, model.state_dict(), tokenizer, sections)
     return Path(out)
 
 

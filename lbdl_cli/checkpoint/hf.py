@@ -238,13 +238,11 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, dtype: torch.dt
         dtype = torch.float32 if torch.float16 in stored else None
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
-    model.load_state_dict(state, assign=True, strict=True)
-    model.reset_rope()
     source = {"hf_architecture": arch, "path": str(hf_dir.resolve())}
     tokenizer = hf_dir / TOKENIZER_FILE
     with atomic_dir(out, force=force) as tmp:
-        write_model(tmp, model, tokenizer if tokenizer.is_file() else None, {"source": source})
-    return {"out": str(out), "architecture": arch, "params": model.num_params(),
+        write_model(tmp, cfg, state, tokenizer if tokenizer.is_file() else None, {"source": source})
+    return {"out": str(out), "architecture": arch, "params": sum(t.numel() for t in state.values()),
             "dtype": str(next(iter(state.values())).dtype).replace("torch.", ""), "model": cfg.to_dict()}
 
 

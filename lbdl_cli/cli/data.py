@@ -1,0 +1,89 @@
+"""`lbdl data prepare|info`: text corpora -> memory-mappable token shards."""
+
+from __future__ import annotations
+
+import typer
+
+from ..data import INVALID_UTF8_CHOICES, SPLIT_CHOICES, PrepareConfig
+from .output import FORCE_OPTION, JSON_OPTION, console, emit, human_bytes, human_count, kv_table, progress
+
+DEFAULTS = PrepareConfig()
+app = typer.Typer(help="Prepare corpora: tokenize text into train/val token shards.", no_args_is_help=True)
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app, name="data")
+
+
+def _esc(text) -> str:
+    from rich.markup import escape
+
+    return escape(str(text))
+
+
+def _rows(meta: dict) -> dict:
+    rows = {}
+    for split in ("train", "val"):
+        tokens, docs, nbytes = meta[f"{split}_tokens"], meta[f"{split}_documents"], meta[f"{split}_bytes"]
+        rows[f"{split}.bin"] = (f"{tokens:,} tokens ({human_count(tokens)}), {docs:,} documents, "
+                                f"{human_bytes(nbytes)} of text, {nbytes / max(1, tokens):.2f} bytes/token")
+    rows["dtype"] = f"{meta['dtype']} (vocabulary {meta['vocab_size']:,})"
+    rows["split"] = (f"{meta['split_on']} documents, val fraction {meta['val_fraction']}, seed {meta['seed']}; "
+                     f"<eos> after each document")
+    rows["tokenizer sha256"] = meta["tokenizer_sha256"][:16]
+    rows["sources"] = ", ".join(f"{s['path']} ({human_bytes(s['bytes'])}, sha256 {s['sha256'][:12]})"
+                                for s in meta["sources"][:5]) + (
+        f" and {len(meta['sources']) - 5} more" if len(meta["sources"]) > 5 else "")
+    if meta.get("invalid_utf8_lines"):
+        rows["invalid UTF-8"] = f"{meta['invalid_utf8_lines']} lines ({meta['invalid_utf8']})"
+    return rows
+
+
+@app.command("prepare")
+def prepare(
+    files: list[str] = typer.Argument(..., metavar="FILES", help="Text files or globs (quote globs; `**` recurses)."),
+    tokenizer: str = typer.Option(..., "--tokenizer", help="Tokenizer or model directory, or a tokenizer.model file."),
+    out: str = typer.Option(..., "--out", help="Output shard directory (train.bin, val.bin, meta.json)."),
+    val_fraction: float = typer.Option(DEFAULTS.val_fraction, "--val-fraction",
+                                       help="Share of documents drawn (seeded) for val.bin."),
+    split_on: str = typer.Option(DEFAULTS.split_on, "--split-on",
+                                 help=f"What one document is: {' | '.join(SPLIT_CHOICES)} (paragraphs end at blank lines)."),
+    invalid_utf8: str = typer.Option(DEFAULTS.invalid_utf8, "--invalid-utf8",
+                                     help=f"What to do with invalid UTF-8: {' | '.join(INVALID_UTF8_CHOICES)}."),
+    seed: int = typer.Option(DEFAULTS.seed, "--seed", help="Seed of the train/val draw."),
+    force: bool = FORCE_OPTION,
+    as_json: bool = JSON_OPTION,
+):
+    """Tokenize text into train.bin / val.bin token arrays plus meta.json, split on document boundaries."""
+    from ..data import prepare as prepare_data
+    from .tokenizer import _progress_callback
+
+    with progress("tokenizing", quiet=as_json) as update:
+        result = prepare_data(files, tokenizer, out, force=force, progress=_progress_callback(update),
+                              val_fraction=val_fraction, split_on=split_on, invalid_utf8=invalid_utf8, seed=seed)
+
+    def render():
+        total = result["train_tokens"] + result["val_tokens"]
+        console.print(f"wrote {_esc(result['out'])}: {total:,} tokens in {result['seconds']:.1f} s "
+                      f"({total / max(result['seconds'], 1e-9) / 1e6:.2f}M tokens/s)")
+        console.print(kv_table({k: _esc(v) for k, v in _rows(result).items()}))
+
+    emit(result, as_json, render)
+
+
+@app.command("info")
+def info(
+    shards: str = typer.Argument(..., help="Shard directory written by `lbdl data prepare`."),
+    as_json: bool = JSON_OPTION,
+):
+    """Show a shard directory's token counts, dtype, split and sources."""
+    from ..data import load_shards
+
+    train, val, meta = load_shards(shards)
+    result = {"path": shards, **meta}
+
+    def render():
+        console.print(f"[bold]{_esc(shards)}[/bold]  (format_version {meta['format_version']})")
+        console.print(kv_table({k: _esc(v) for k, v in _rows(meta).items()}))
+
+    emit(result, as_json, render)

@@ -1,0 +1,294 @@
+"""lbdl_cli/data.py: documents, deterministic train/val shards, meta.json, load_shards, and the CLI."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lbdl_cli.cli import main
+from lbdl_cli.data import (PrepareConfig, check_tokenizer, iter_documents, load_shards, prepare, read_meta,
+                           token_dtype)
+from lbdl_cli.errors import ConfigError, DataError
+from tokenizer import Tokenizer, file_hash, train
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAKESPEARE = ROOT / "data" / "tinyshakespeare.txt"
+
+
+def write(path: Path, data: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    return path
+
+
+def lines_of(text: str) -> list[str]:
+    return text.splitlines(keepends=True) if "\r" not in text else [l for l in text.replace("\n", "\n\0").split("\0") if l]
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    return write(tmp_path_factory.mktemp("corpus") / "shakespeare.txt", SHAKESPEARE.read_text(encoding="utf-8")[:200_000])
+
+
+@pytest.fixture(scope="session")
+def tok_dir(corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tok") / "tok"
+    train([corpus], 600, out=out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tok(tok_dir) -> Tokenizer:
+    return Tokenizer.load(tok_dir)
+
+
+@pytest.fixture(scope="session")
+def shards(corpus, tok_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "shards"
+    prepare([corpus], tok_dir, out, val_fraction=0.1, seed=5)
+    return out
+
+
+def split_docs(tokens, tok: Tokenizer) -> list[str]:
+    """Decode a shard back into its documents (each ends with <eos>)."""
+    ids = np.asarray(tokens).tolist()
+    assert not ids or ids[-1] == tok.eos_id
+    docs, start = [], 0
+    for k, i in enumerate(ids):
+        if i == tok.eos_id:
+            docs.append(tok.decode(ids[start:k]))
+            start = k + 1
+    return docs
+
+
+# --- documents ---------------------------------------------------------------------------
+
+
+def test_paragraph_documents_known_answer():
+    text = "\n\nA\nB\n\nC\n\n\nD\r\n \r\nE"
+    assert list(iter_documents(lines_of(text))) == ["\n\nA\nB\n\n", "C\n\n\n", "D\r\n \r\n", "E"]
+    assert list(iter_documents(lines_of(text), "line")) == ["\n\nA\n", "B\n\n", "C\n\n\n", "D\r\n \r\n", "E"]
+    assert list(iter_documents(lines_of(text), "file")) == [text]
+    assert list(iter_documents([])) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["a", "b c", "", " ", "\t"]), max_size=30).map(
+    lambda lines: "".join(l + "\n" for l in lines)), st.sampled_from(["paragraph", "line", "file"]))
+def test_documents_join_back_to_the_file(text, split_on):
+    docs = list(iter_documents(lines_of(text), split_on))
+    assert "".join(docs) == text
+    assert all(docs)
+    assert sum(1 for d in docs if d.strip()) == len(docs) or not text.strip()
+
+
+def test_token_dtype():
+    assert token_dtype(4096) == "uint16"
+    assert token_dtype(65536) == "uint16"  # ids 0..65535
+    assert token_dtype(65537) == "uint32"
+
+
+# --- prepare -------------------------------------------------------------------------------
+
+
+def test_shards_hold_every_document_exactly_once(shards, corpus, tok):
+    train_ids, val_ids, meta = load_shards(shards)
+    train_docs, val_docs = split_docs(train_ids, tok), split_docs(val_ids, tok)
+    original = list(iter_documents(lines_of(corpus.read_text(encoding="utf-8"))))
+    assert len(train_docs) + len(val_docs) == len(original) == meta["sources"][0]["documents"]
+    # in file order, each document is the next one of exactly one of the two shards
+    t = v = 0
+    for doc in original:
+        if t < len(train_docs) and train_docs[t] == doc:
+            t += 1
+        else:
+            assert val_docs[v] == doc
+            v += 1
+    assert (t, v) == (len(train_docs), len(val_docs))
+    assert collections.Counter(train_docs) + collections.Counter(val_docs) == collections.Counter(original)
+    assert 0.05 < len(val_docs) / len(original) < 0.15
+
+
+def test_meta(shards, corpus, tok_dir, tok):
+    train_ids, val_ids, meta = load_shards(shards)
+    assert meta["format_version"] == 1 and meta["dtype"] == "uint16" and train_ids.dtype == np.uint16
+    assert meta["vocab_size"] == 600
+    assert meta["train_tokens"] == len(train_ids) and meta["val_tokens"] == len(val_ids)
+    assert meta["tokenizer_sha256"] == file_hash(tok_dir) == file_hash(shards)  # tokenizer.model copied beside
+    source = meta["sources"][0]
+    assert source["sha256"] == hashlib.sha256(corpus.read_bytes()).hexdigest()
+    assert source["bytes"] == corpus.stat().st_size == meta["train_bytes"] + meta["val_bytes"]
+    assert meta["val_fraction"] == 0.1 and meta["seed"] == 5 and meta["split_on"] == "paragraph"
+    assert meta["eos_id"] == tok.eos_id and meta["bos"] is False and meta["eos_after_document"] is True
+    n_eos = int((np.asarray(train_ids) == tok.eos_id).sum() + (np.asarray(val_ids) == tok.eos_id).sum())
+    assert n_eos == meta["train_documents"] + meta["val_documents"]
+    assert isinstance(train_ids, np.memmap) and not train_ids.flags.writeable
+
+
+def test_tokens_equal_the_tokenizer_encoding(shards, corpus, tok):
+    train_ids, val_ids, _ = load_shards(shards)
+    docs = list(iter_documents(lines_of(corpus.read_text(encoding="utf-8"))))
+    total = sum(len(tok.encode(d)) + 1 for d in docs)
+    assert total == len(train_ids) + len(val_ids)
+
+
+def test_deterministic_for_a_seed(shards, corpus, tok_dir, tmp_path):
+    again = tmp_path / "again"
+    prepare([corpus], tok_dir, again, val_fraction=0.1, seed=5)
+    for name in ("train.bin", "val.bin", "meta.json", "tokenizer.model"):
+        assert (again / name).read_bytes() == (shards / name).read_bytes()
+    other = tmp_path / "other"
+    prepare([corpus], tok_dir, other, val_fraction=0.1, seed=6)
+    assert (other / "val.bin").read_bytes() != (shards / "val.bin").read_bytes()
+
+
+def test_many_files_globs_and_line_documents(tok_dir, tmp_path):
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:30_000]
+    for k in range(3):
+        write(tmp_path / "in" / f"part{k}.txt", text[k * 10_000:(k + 1) * 10_000])
+    out = tmp_path / "out"
+    result = prepare([str(tmp_path / "in" / "*.txt")], tok_dir, out, split_on="line", val_fraction=0.2)
+    assert [Path(s["path"]).name for s in result["sources"]] == ["part0.txt", "part1.txt", "part2.txt"]
+    n_lines = sum(1 for l in text.splitlines() if l.strip())
+    assert result["train_documents"] + result["val_documents"] == n_lines + 2  # two files cut mid-line
+    assert result["train_bytes"] + result["val_bytes"] == 30_000
+
+
+def test_val_fraction_zero(tok_dir, corpus, tmp_path):
+    result = prepare([corpus], tok_dir, tmp_path / "all", val_fraction=0)
+    train_ids, val_ids, meta = load_shards(tmp_path / "all")
+    assert len(val_ids) == 0 and meta["val_documents"] == 0 and len(train_ids) == result["train_tokens"]
+
+
+def test_invalid_utf8_replace(tok_dir, tmp_path):
+    body = SHAKESPEARE.read_text(encoding="utf-8")[:5000].encode()
+    path = write(tmp_path / "latin1.txt", body + b"\n\ncaf\xe9 au lait\n\n" + body)
+    result = prepare([path], tok_dir, tmp_path / "out", invalid_utf8="replace")
+    assert result["invalid_utf8_lines"] == 1
+    train_ids, val_ids, _ = load_shards(tmp_path / "out")
+    text = Tokenizer.load(tok_dir).decode(np.concatenate([train_ids, val_ids]))
+    assert "caf\ufffd au lait" in text
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="val fraction"):
+        PrepareConfig(val_fraction=0.9)
+    with pytest.raises(ConfigError, match="split_on"):
+        PrepareConfig(split_on="sentence")
+
+
+# --- load_shards and the tokenizer check ------------------------------------------------
+
+
+def test_tokenizer_mismatch_is_refused(shards, corpus, tmp_path):
+    other = tmp_path / "other-tok"
+    train([corpus], 500, out=other)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "tokenizer.model").write_bytes((other / "tokenizer.model").read_bytes())
+    with pytest.raises(DataError, match="different tokenizer") as info:
+        load_shards(shards, tokenizer=model_dir)
+    assert file_hash(model_dir)[:12] in str(info.value) and "lbdl data prepare" in str(info.value)
+    meta = read_meta(shards)
+    check_tokenizer(meta, shards / "tokenizer.model")  # the same file: no error
+    load_shards(shards, tokenizer=shards)
+
+
+def test_truncated_or_missing_shards(shards, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(shards, broken)
+    with open(broken / "train.bin", "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(DataError, match="truncated"):
+        load_shards(broken)
+    with pytest.raises(DataError, match="no meta.json"):
+        load_shards(tmp_path)
+    with pytest.raises(DataError, match="does not exist"):
+        load_shards(tmp_path / "nope")
+    (broken / "meta.json").write_text(json.dumps({"format_version": 99}))
+    with pytest.raises(DataError, match="format_version 99"):
+        load_shards(broken)
+
+
+def test_uint32_shards_load(tmp_path):
+    d = tmp_path / "big-vocab"
+    d.mkdir()
+    np.array([70_000, 1, 2], dtype=np.uint32).tofile(d / "train.bin")
+    np.array([65_537], dtype=np.uint32).tofile(d / "val.bin")
+    meta = {"format_version": 1, "dtype": "uint32", "vocab_size": 80_000, "tokenizer_sha256": "0" * 64,
+            "train_tokens": 3, "val_tokens": 1}
+    (d / "meta.json").write_text(json.dumps(meta))
+    train_ids, val_ids, _ = load_shards(d)
+    assert train_ids.tolist() == [70_000, 1, 2] and val_ids.tolist() == [65_537]
+
+
+# --- CLI -----------------------------------------------------------------------------------
+
+
+def run_cli(argv, capsys):
+    code = 0
+    try:
+        main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_prepare_and_info(corpus, tok_dir, tmp_path, capsys):
+    out = tmp_path / "shards"
+    code, stdout, err = run_cli(["data", "prepare", corpus, "--tokenizer", tok_dir, "--out", out, "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["train_tokens"] == len(load_shards(out)[0]) and result["val_fraction"] == 0.1
+    code, stdout, _ = run_cli(["data", "info", out], capsys)
+    assert code == 0 and f"{result['train_tokens']:,} tokens" in stdout
+    code, stdout, _ = run_cli(["data", "prepare", corpus, "--tokenizer", tok_dir, "--out", out, "--force",
+                               "--seed", 9, "--val-fraction", 0.2], capsys)
+    assert code == 0 and read_meta(out)["seed"] == 9 and "wrote" in stdout
+
+
+def bad_cases(tmp: Path, tok_dir: Path) -> dict[str, tuple[list, str]]:
+    good = write(tmp / "good.txt", SHAKESPEARE.read_text(encoding="utf-8")[:20_000])
+    empty = write(tmp / "empty.txt", "")
+    binary = write(tmp / "blob.bin", bytes(range(256)) * 4)
+    latin1 = write(tmp / "latin1.txt", "First line\nna\u00efve ".encode() + b"caf\xe9\n")
+    one_doc = write(tmp / "one.txt", "a single paragraph\nwith two lines\n")
+    fake = write(tmp / "fake" / "tokenizer.model", b"\x00\x01 not a model")
+    (tmp / "existing").mkdir(exist_ok=True)
+    cmd = ["data", "prepare"]
+    out = ["--out", tmp / "out"]
+    return {
+        "missing file": ([*cmd, tmp / "nope.txt", "--tokenizer", tok_dir, *out], "file not found"),
+        "empty corpus": ([*cmd, empty, "--tokenizer", tok_dir, *out], "corpus is empty"),
+        "binary file": ([*cmd, good, binary, "--tokenizer", tok_dir, *out], "binary file (NUL byte at offset 0)"),
+        "invalid UTF-8": ([*cmd, latin1, "--tokenizer", tok_dir, *out], f"{latin1} is not valid UTF-8: byte 0xe9 at offset 21"),
+        "not a sentencepiece model": ([*cmd, good, "--tokenizer", fake.parent, *out], "not a sentencepiece model"),
+        "missing tokenizer": ([*cmd, good, "--tokenizer", tmp / "no-tok", *out], "tokenizer not found"),
+        "output exists": ([*cmd, good, "--tokenizer", tok_dir, "--out", tmp / "existing"], "already exists"),
+        "too few documents for val": ([*cmd, one_doc, "--tokenizer", tok_dir, *out], "no document went to val.bin"),
+        "bad val fraction": ([*cmd, good, "--tokenizer", tok_dir, *out, "--val-fraction", 2], "val fraction"),
+        "info on a non-shard dir": (["data", "info", tmp / "existing"], "no meta.json"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing file", "empty corpus", "binary file", "invalid UTF-8",
+                                  "not a sentencepiece model", "missing tokenizer", "output exists",
+                                  "too few documents for val", "bad val fraction", "info on a non-shard dir"])
+def test_cli_bad_input_exit_2_one_line_nothing_written(case, tmp_path, tok_dir, capsys):
+    argv, message = bad_cases(tmp_path, tok_dir)[case]
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    code, stdout, err = run_cli(argv, capsys)
+    assert code == 2, (stdout, err)
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("lbdl: error:") and message in err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing written, no temp dir left
