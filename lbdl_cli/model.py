@@ -282,11 +282,13 @@ class GPT(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None):
+    def forward(self, idx, targets=None, cache: KVCache | None = None, logits_to_keep: int = 0):
         """idx (B, T) token ids -> logits (B, T, V), or the mean cross-entropy with targets.
 
         With a cache, idx holds only the new tokens; their positions continue
-        from `cache.length`, which advances by T.
+        from `cache.length`, which advances by T. `logits_to_keep` > 0 applies
+        the final norm and the head to the last that many positions only
+        (B, logits_to_keep, V): generation needs one, perplexity the scored part.
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -303,12 +305,23 @@ class GPT(nn.Module):
             x = block(x, rope, cache)
         if cache is not None:
             cache.length += T
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]  # (B, logits_to_keep, C)
         x = self.norm_f(x)
         head = self.lm_head.weight if self.lm_head is not None else self.tok_emb.weight
         logits = F.linear(x, head)  # (B, T, V)
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+
+    def set_dropout(self, p: float) -> None:
+        """Change the dropout probability of every dropout site (e.g. to fine-tune)."""
+        self.config = self.config.replace(dropout=p)
+        for m in self.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = p
+            elif isinstance(m, CausalSelfAttention):
+                m.dropout = p
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         w = self.tok_emb.weight

@@ -15,7 +15,7 @@ import sys
 import typer
 
 from .. import __version__
-from ..errors import LbdlError
+from ..errors import LbdlError, RunFailed
 
 
 def _version(value: bool):
@@ -59,6 +59,11 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"lbdl: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RunFailed as e:
+        if debug:
+            raise
+        print(f"lbdl: {e}", file=sys.stderr)
+        sys.exit(130 if getattr(e, "exit_code", None) == 130 else 1)
     except KeyboardInterrupt:
         print("lbdl: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -84,19 +84,3 @@ def progress(description: str, total: float | None = None, quiet: bool = False):
             bar.update(task, **changes)
 
         yield update
-
-
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        from ..errors import ConfigError
-
-        raise ConfigError(f"unknown device {name!r}; choose auto, cpu or cuda")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        from ..errors import ConfigError
-
-        raise ConfigError("--device cuda asked for, but torch sees no CUDA device; use --device cpu or install a CUDA build of torch")
-    return name

@@ -1,0 +1,75 @@
+"""Learning-rate range test (the reference's training practice): train a
+fresh copy of the model for a few steps at each learning rate of 1e-5..1 in
+half-decades, and suggest the largest that does not diverge."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from ..errors import RunFailed
+from .config import TrainConfig
+from .loop import Trainer
+from .plot import _pyplot, text_chart
+
+GRID = [10 ** (-5 + k / 2) for k in range(11)]  # 1e-5, 3.2e-5, ..., 1
+
+
+def lr_find(cfg: TrainConfig, steps: int = 20, lrs: list[float] | None = None,
+            on_lr: Callable[[float, float, int], None] | None = None) -> dict:
+    """Loss after `steps` constant-lr steps from the same initialisation, for each lr.
+
+    An lr diverged when its loss is not finite or ends above the initial loss.
+    Stops after the second diverged lr in a row (larger ones only get worse).
+    """
+    import tempfile
+
+    lrs = lrs or GRID
+    rows, initial, streak = [], None, 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, lr in enumerate(lrs):
+            run_cfg = cfg.replace(out=f"{tmp}/run{i}", lr=lr, schedule="constant", warmup=0.0, max_steps=steps,
+                                  eval_interval=10**9, log_interval=1, patience=0)
+            losses, start = [], {}
+
+            def on_event(kind, **d):
+                if kind == "step":
+                    losses.append(d["loss"])
+                elif kind == "start":
+                    start.update(d)
+
+            try:
+                Trainer(run_cfg, on_event, force=True).fit()
+            except RunFailed:  # a non-finite loss stops the trainer: this lr diverged
+                losses.append(math.nan)
+            if initial is None:  # the same seed gives every lr the same model and first batch
+                initial = start["initial_loss"]
+            tail = losses[-max(1, steps // 5):]
+            loss = sum(tail) / len(tail) if all(math.isfinite(v) for v in tail) else math.nan
+            diverged = not math.isfinite(loss) or loss > initial
+            rows.append({"lr": lr, "loss": loss, "diverged": diverged})
+            if on_lr:
+                on_lr(lr, loss, len(lrs))
+            streak = streak + 1 if diverged else 0
+            if streak == 2:
+                break
+    stable = [r["lr"] for r in rows if not r["diverged"]]
+    suggested = max(stable) if stable else min(lrs)
+    chart = text_chart({"loss": [(r["lr"], r["loss"]) for r in rows]}, log_x=True, x_label="lr")
+    return {"rows": rows, "initial_loss": initial, "suggested_lr": suggested, "steps": steps, "chart": chart}
+
+
+def plot_lr_find(result: dict, out: str) -> None:
+    plt = _pyplot()
+    rows = [r for r in result["rows"] if math.isfinite(r["loss"])]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    ax.semilogx([r["lr"] for r in rows], [r["loss"] for r in rows], marker="o")
+    ax.axhline(result["initial_loss"], color="gray", linestyle="--", label="initial loss")
+    ax.axvline(result["suggested_lr"], color="green", linestyle=":", label=f"suggested {result['suggested_lr']:.1e}")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel(f"loss after {result['steps']} steps")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)

@@ -1,0 +1,387 @@
+"""Training: schedules, batches, determinism, exact resume after SIGKILL / Ctrl-C,
+divergence, refusals, early stopping, fine-tuning, DDP parity, lr-find, plot."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lbdl_cli.checkpoint import load_model, save_model
+from lbdl_cli.errors import ConfigError, DataError, RunFailed
+from lbdl_cli.model import GPT
+from lbdl_cli.train import TrainConfig, resolve
+from lbdl_cli.data import WindowSampler, unigram_loss
+from lbdl_cli.train.loop import Trainer, param_groups, resume_config, train
+from lbdl_cli.train.schedule import lr_at
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(preset="nano", batch_size=4, context=32, eval_interval=5, eval_batches=2, log_interval=1,
+             dtype="float32", peak_tflops=1.0)
+
+
+def make_shards(root: Path, name: str, vocab: int, text: str) -> Path:
+    from lbdl_cli.data import prepare
+    from tokenizer import train as train_tokenizer
+
+    (root / f"{name}.txt").write_text(text)
+    train_tokenizer([root / f"{name}.txt"], vocab_size=vocab, out=root / f"{name}-tok")
+    prepare([root / f"{name}.txt"], root / f"{name}-tok", root / f"{name}-shards")
+    return root / f"{name}-shards"
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    text = (ROOT / "data" / "tinyshakespeare.txt").read_text()[:200_000]
+    return make_shards(tmp_path_factory.mktemp("train-data"), "shake", 512, text)
+
+
+def weights(path):
+    return load_model(path)[0].state_dict()
+
+
+def assert_same_weights(a, b):
+    a, b = weights(a), weights(b)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def run_cli(*args, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "lbdl_cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+# --- schedule, optimizer groups, batches ---------------------------------------------
+
+
+def test_cosine_schedule_known_values():
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup=10, max_steps=110)
+    assert lr_at(0, cfg, 110) == pytest.approx(1e-3 / 20)
+    assert lr_at(5, cfg, 110) == pytest.approx(1e-3 / 20 + (1e-3 - 1e-3 / 20) * 0.5)
+    assert lr_at(10, cfg, 110) == pytest.approx(1e-3)
+    assert lr_at(60, cfg, 110) == pytest.approx((1e-3 + 1e-4) / 2)  # half-way down the cosine
+    assert lr_at(110, cfg, 110) == pytest.approx(1e-4)
+    lrs = [lr_at(s, cfg, 110) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_warmup_and_decay_as_fractions_and_other_schedules():
+    cfg = TrainConfig(lr=1.0, min_lr=0.0, warmup=0.1, max_steps=100)
+    assert lr_at(10, cfg, 100) == 1.0 and lr_at(9, cfg, 100) < 1.0
+    half = TrainConfig(lr=1.0, min_lr=0.0, warmup=0, decay=0.5, max_steps=100)
+    assert lr_at(25, half, 100) == pytest.approx(0.5) and lr_at(50, half, 100) == 0.0 == lr_at(99, half, 100)
+    const = TrainConfig(lr=2.0, schedule="constant", warmup=0)
+    assert {lr_at(s, const, 100) for s in range(100)} == {2.0}
+    step = TrainConfig(lr=1.0, min_lr=0.0, schedule="step", warmup=0, step_every=30, step_gamma=0.5)
+    assert [lr_at(s, step, 100) for s in (0, 29, 30, 59, 60, 90)] == [1.0, 1.0, 0.5, 0.5, 0.25, 0.125]
+
+
+def test_weight_decay_on_matrices_only():
+    model = GPT(TrainConfig and __import__("lbdl_cli.model", fromlist=["ModelConfig"]).ModelConfig(
+        vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=8, tie_embeddings=False))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert sorted(names[id(p)] for p in decay["params"]) == sorted(
+        n for n, p in model.named_parameters() if p.dim() == 2 and "emb" not in n)
+    assert "lm_head.weight" in {names[id(p)] for p in decay["params"]}
+    assert {"tok_emb.weight", "pos_emb.weight", "norm_f.weight", "blocks.0.attn.q_proj.bias"} <= {
+        names[id(p)] for p in no_decay["params"]}
+
+
+def test_window_sampler_epochs_cover_every_window_once():
+    tokens = np.arange(1001, dtype=np.uint16)
+    s = WindowSampler(tokens, context=10, seed=3)
+    assert s.n_windows == 100
+    first, second = s.windows(0, 100), s.windows(100, 100)
+    assert sorted(first) == sorted(second) == list(range(100)) and first != second
+    x, y = s.batch(5, 4)
+    assert x.shape == (4, 10) and torch.equal(x[:, 1:], y[:, :-1])
+    assert torch.equal(WindowSampler(tokens, 10, 3).batch(37, 6)[0], s.batch(37, 6)[0])
+    assert not torch.equal(WindowSampler(tokens, 10, 4).batch(0, 6)[0], s.batch(0, 6)[0])
+    # two ranks taking halves of a global batch see exactly the single-process batch
+    whole = s.batch(40, 8)[0]
+    assert torch.equal(torch.cat([s.batch(40, 4)[0], s.batch(44, 4)[0]]), whole)
+
+
+def test_unigram_baseline_known_answer():
+    train_tokens = np.array([0, 0, 0, 1], dtype=np.uint16)  # counts 3, 1 -> add-one: 4/6, 2/6
+    val = np.array([0, 1], dtype=np.uint16)
+    assert unigram_loss(train_tokens, val, 2) == pytest.approx(-(math.log(4 / 6) + math.log(2 / 6)) / 2)
+
+
+# --- runs ------------------------------------------------------------------------------
+
+
+def test_run_directory_and_learning(shards, tmp_path):
+    events = []
+    cfg = {**SMALL, "batch_size": 8, "context": 64, "eval_interval": 20}
+    result = train(TrainConfig(data=str(shards), out=str(tmp_path / "run"), max_steps=80, lr=3e-3, **cfg),
+                   lambda kind, **d: events.append((kind, d)))
+    run = tmp_path / "run"
+    start = next(d for k, d in events if k == "start")
+    assert abs(start["initial_loss"] - math.log(512)) < 0.3
+    assert result["best_val_loss"] < start["unigram_loss"] < start["initial_loss"]
+    for name in ("best", "last"):
+        model, config = load_model(run / name)
+        assert config["model"]["vocab_size"] == 512
+        assert (run / name / "tokenizer.model").read_bytes() == (shards / "tokenizer.model").read_bytes()
+    assert json.loads((run / "train_config.json").read_text())["max_steps"] == 80
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == list(range(1, 81))
+    assert [m["step"] for m in metrics if "val_loss" in m] == [20, 40, 60, 80]
+    assert all({"lr", "grad_norm", "tokens_per_s", "mfu"} <= m.keys() for m in metrics if "loss" in m)
+    assert sorted(p.name for p in (run / "ckpt").iterdir()) == ["step-0000080"]  # best and last
+
+
+def test_warns_when_the_initial_loss_is_far_from_ln_vocab(shards, tmp_path, monkeypatch):
+    import lbdl_cli.train.loop as loop
+
+    real = loop.build_model
+
+    def badly_initialised(*args):
+        model, sections = real(*args)
+        with torch.no_grad():
+            model.norm_f.weight.mul_(100.0)  # logits 100x too large: a loss far above ln(V)
+        return model, sections
+
+    monkeypatch.setattr(loop, "build_model", badly_initialised)
+    events = []
+    train(TrainConfig(data=str(shards), out=str(tmp_path / "run"), max_steps=1, **SMALL),
+          lambda kind, **d: events.append((kind, d)))
+    warnings = [d["message"] for k, d in events if k == "warn"]
+    assert len(warnings) == 1 and "more than 0.5 from ln(V) = 6.238" in warnings[0]
+
+
+def test_same_seed_gives_bit_identical_weights(shards, tmp_path):
+    cfg = dict(data=str(shards), max_steps=8, dropout=0.1, **SMALL)
+    train(TrainConfig(out=str(tmp_path / "a"), **cfg))
+    train(TrainConfig(out=str(tmp_path / "b"), **cfg))
+    assert_same_weights(tmp_path / "a" / "last", tmp_path / "b" / "last")
+    train(TrainConfig(out=str(tmp_path / "c"), **{**cfg, "seed": 7}))
+    assert not torch.equal(weights(tmp_path / "a" / "last")["tok_emb.weight"],
+                           weights(tmp_path / "c" / "last")["tok_emb.weight"])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_resume_after_sigkill_is_bit_identical(shards, tmp_path, dtype):
+    args = ["train", "--data", shards, "--preset", "nano", "--batch-size", 4, "--context", 32, "--max-steps", 40,
+            "--eval-interval", 5, "--eval-batches", 2, "--dropout", 0.1, "--dtype", dtype, "--peak-tflops", 1,
+            "--grad-accum", 2]
+    reference = run_cli(*args, "--out", tmp_path / "ref")
+    assert reference.wait() == 0, reference.stderr.read()
+    victim = run_cli(*args, "--out", tmp_path / "run")
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "ckpt" / "step-0000015").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    resumed = run_cli("train", "--resume", tmp_path / "run")
+    assert resumed.wait() == 0, resumed.stderr.read()
+    assert_same_weights(tmp_path / "ref" / "last", tmp_path / "run" / "last")
+    ref_metrics = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    run_metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda ms: [{k: v for k, v in m.items() if k not in ("tokens_per_s", "mfu")} for m in ms]
+    assert strip(ref_metrics) == strip(run_metrics)
+
+
+def test_ctrl_c_checkpoints_exits_130_and_resumes(shards, tmp_path):
+    args = ["train", "--data", shards, "--preset", "nano", "--batch-size", 4, "--context", 32, "--max-steps", 400,
+            "--eval-interval", 1000, "--eval-batches", 2, "--dtype", "float32", "--peak-tflops", 1]
+    proc = run_cli(*args, "--out", tmp_path / "run")
+    deadline = time.time() + 60
+    while not (tmp_path / "run" / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait() == 130
+    err = proc.stderr.read().strip().splitlines()
+    assert len(err) == 1 and "interrupted at step" in err[0] and "--resume" in err[0]
+    step = json.loads(((tmp_path / "run" / "last").resolve() / "trainer_state.json").read_text())["step"]
+    assert 0 < step < 400
+    resumed = run_cli("train", "--resume", tmp_path / "run", "--max-steps", step + 3, "--json")
+    assert resumed.wait() == 0
+    assert json.loads(resumed.stdout.read().splitlines()[-1])["steps"] == step + 3
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path, monkeypatch):
+    real = Trainer._loss
+
+    def poisoned(self, x, y):
+        loss = real(self, x, y)
+        return loss * math.nan if self.step >= 7 else loss
+
+    monkeypatch.setattr(Trainer, "_loss", poisoned)
+    with pytest.raises(RunFailed, match=r"loss became nan at step 8; stopped\. Last good checkpoint: .*last \(step 5\)"):
+        train(TrainConfig(data=str(shards), out=str(tmp_path / "run"), max_steps=20, **SMALL))
+    model, config = load_model(tmp_path / "run" / "last")
+    assert config["training"]["step"] == 5
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_early_stopping_keeps_the_best(shards, tmp_path, monkeypatch):
+    scores = iter([3.0, 2.0, 2.5, 2.6, 2.7, 1.0])
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: next(scores))
+    result = train(TrainConfig(data=str(shards), out=str(tmp_path / "run"), max_steps=100, patience=3,
+                               **{**SMALL, "eval_interval": 2}))
+    assert result["stop_reason"] == "early_stopping" and result["steps"] == 10
+    assert result["best_step"] == 4 and result["best_val_loss"] == 2.0
+    assert load_model(tmp_path / "run" / "best")[1]["training"]["step"] == 4
+    assert load_model(tmp_path / "run" / "last")[1]["training"]["step"] == 10
+
+
+def test_overfit_one_batch(shards, tmp_path):
+    result = train(TrainConfig(data=str(shards), out=str(tmp_path / "run"), max_steps=150, overfit_batch=True,
+                               lr=3e-3, warmup=10, schedule="constant",
+                               **{**SMALL, "batch_size": 2, "eval_interval": 1000}))
+    last = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x][-1]
+    assert result["steps"] == 150 and last["loss"] < 0.2 and result["overfit_passed"]
+
+
+def test_train_command(shards, tmp_path, cli):
+    r = cli("train", "--help")
+    for flag in ("--max-steps", "--grad-accum", "--weight-decay", "--compile", "--resume", "--overfit-batch"):
+        assert flag in r.out
+    args = ["--data", shards, "--preset", "nano", "--batch-size", 2, "--context", 32, "--dtype", "float32",
+            "--peak-tflops", 1, "--lr", 3e-3, "--schedule", "constant"]
+    r = cli("train", *args, "--overfit-batch", "--max-steps", 120, "--out", tmp_path / "o")
+    assert r.code == 0 and "overfit check:" in r.out and "passed" in r.out
+    r = cli("train", *args, "--max-steps", 3, "--out", tmp_path / "o", "--json")
+    assert r.code == 2 and "already holds another run" in r.err
+    r = cli("train", *args, "--max-steps", 3, "--out", tmp_path / "o", "--force", "--json")
+    assert r.code == 0 and r.json()["steps"] == 3 and "overfit_passed" not in r.json()
+    r = cli("train", *args, "--max-steps", 3, "--out", tmp_path / "p", "--context", 999)
+    assert r.code == 2 and r.err.count("\n") == 1 and "block_size" in r.err
+    assert not (tmp_path / "p").exists()
+
+
+# --- refusals: one clear error before anything is written -------------------------------
+
+
+def test_refuses_context_longer_than_block_size(shards, tmp_path):
+    with pytest.raises(ConfigError, match="--context 300 is longer than the model's block_size 256"):
+        Trainer(TrainConfig(data=str(shards), out=str(tmp_path / "run"), **{**SMALL, "context": 300}))
+    assert not (tmp_path / "run").exists()
+
+
+def test_refuses_a_directory_holding_another_run(shards, tmp_path):
+    cfg = TrainConfig(data=str(shards), out=str(tmp_path / "run"), max_steps=2, **SMALL)
+    train(cfg)
+    with pytest.raises(ConfigError, match="already holds another run; pass --resume .* or --force"):
+        train(cfg)
+    assert train(cfg, force=True)["steps"] == 2
+
+
+def test_refuses_batches_that_do_not_fit(shards, tmp_path):
+    with pytest.raises(ConfigError, match=r"a step of 1000 x 1 x 1 sequences .* is more than the .* windows of the training shard"):
+        Trainer(TrainConfig(data=str(shards), out=str(tmp_path / "run"), **{**SMALL, "batch_size": 1000, "context": 256}))
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(DataError, match="the validation shard has 100 tokens, fewer than one window of context 128"):
+        WindowSampler(np.zeros(100, dtype=np.uint16), 128, 0, name="validation")
+
+
+def test_fine_tune_refuses_another_tokenizer(shards, tmp_path):
+    train(TrainConfig(data=str(shards), out=str(tmp_path / "base"), max_steps=2, **SMALL))
+    other = make_shards(tmp_path, "other", 400, (ROOT / "data" / "tinyshakespeare.txt").read_text()[200_000:260_000])
+    with pytest.raises(DataError, match="different tokenizer"):
+        Trainer(TrainConfig(data=str(other), out=str(tmp_path / "ft"), init_from=str(tmp_path / "base" / "last"),
+                            **{k: v for k, v in SMALL.items() if k != "preset"}))
+    assert not (tmp_path / "ft").exists()
+
+
+def test_fine_tune_starts_from_the_model_with_a_smaller_lr(shards, tmp_path):
+    train(TrainConfig(data=str(shards), out=str(tmp_path / "base"), max_steps=10, lr=3e-3, **SMALL))
+    events = []
+    cfg = TrainConfig(data=str(shards), out=str(tmp_path / "ft"), init_from=str(tmp_path / "base" / "last"),
+                      max_steps=3, warmup=0, schedule="constant", **{k: v for k, v in SMALL.items() if k != "preset"})
+    assert cfg.base_lr == 1e-4
+    train(cfg, lambda kind, **d: events.append((kind, d)))
+    start = next(d for k, d in events if k == "start")
+    assert start["initial_loss"] < math.log(512) - 1.0  # it starts from the trained weights
+    assert {d["lr"] for k, d in events if k == "step"} == {1e-4}
+
+
+def test_toml_config_and_flag_override(tmp_path):
+    path = tmp_path / "train.toml"
+    path.write_text('[train]\npreset = "nano"\nmax-steps = 30\nlr = 0.002\nbatch_size = 8\n')
+    cfg = resolve(str(path), {"max_steps": 5, "lr": None})
+    assert (cfg.preset, cfg.max_steps, cfg.lr, cfg.batch_size) == ("nano", 5, 0.002, 8)
+    path.write_text("lr = 'fast'\n")
+    with pytest.raises(ConfigError, match="lr must be a float"):
+        resolve(str(path), {})
+    path.write_text("learning_rate = 1\n")
+    with pytest.raises(ConfigError, match=f"config file {path}: unknown field"):
+        resolve(str(path), {})
+
+
+def test_train_config_validation():
+    with pytest.raises(ConfigError, match="schedule must be one of cosine, constant, step"):
+        TrainConfig(schedule="linear")
+    with pytest.raises(ConfigError, match="not both"):
+        TrainConfig(preset="nano", init_from="x")
+    with pytest.raises(ConfigError, match="batch_size must be >= 1"):
+        TrainConfig(batch_size=0)
+
+
+def test_resume_of_a_non_run_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="not a run directory"):
+        resume_config(tmp_path, {})
+
+
+# --- scale out ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one_process(shards, tmp_path, mode):
+    common = ["--data", shards, "--preset", "nano", "--context", 32, "--max-steps", 6, "--eval-interval", 3,
+              "--eval-batches", 2, "--dtype", "float32", "--peak-tflops", 1, "--log-interval", 1]
+    single = run_cli("train", *common, "--batch-size", 8, "--out", tmp_path / "single")
+    assert single.wait() == 0, single.stderr.read()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                          "-m", "lbdl_cli", "train", *map(str, common), "--batch-size", "4",
+                          *(["--fsdp"] if mode == "fsdp" else []),
+                          "--out", str(tmp_path / "ddp")], capture_output=True, text=True, env=env)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    read = lambda run: [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    a, b = read(tmp_path / "single"), read(tmp_path / "ddp")
+    assert [m["step"] for m in a] == [m["step"] for m in b]
+    for x, y in zip(a, b):
+        key = "loss" if "loss" in x else "val_loss"
+        assert x[key] == pytest.approx(y[key], abs=2e-4), (x, y)
+    wa, wb = weights(tmp_path / "single" / "last"), weights(tmp_path / "ddp" / "last")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+
+
+# --- lr-find and plot --------------------------------------------------------------------
+
+
+def test_lr_find_suggests_the_largest_stable_lr(shards):
+    from lbdl_cli.train.lr_find import lr_find
+
+    cfg = TrainConfig(data=str(shards), **{**SMALL, "eval_batches": 1})
+    result = lr_find(cfg, steps=6, lrs=[1e-4, 3e-3, 1e3])
+    rows = {r["lr"]: r for r in result["rows"]}
+    assert rows[1e3]["diverged"] and not rows[3e-3]["diverged"]
+    assert rows[3e-3]["loss"] < rows[1e-4]["loss"] < result["initial_loss"]
+    assert result["suggested_lr"] == 3e-3
+    assert "lr:" in result["chart"]
+
+
+def test_plot_terminal_chart(shards, tmp_path, cli):
+    train(TrainConfig(data=str(shards), out=str(tmp_path / "run"), max_steps=10, **SMALL))
+    r = cli("plot", tmp_path / "run")
+    assert r.code == 0 and "train loss" in r.out and "val loss" in r.out
+    r = cli("plot", tmp_path / "run", "--json")
+    curves = r.json()
+    assert len(curves["train"]) == 10 and [s for s, _ in curves["val"]] == [5, 10]
+    r = cli("plot", tmp_path)
+    assert r.code == 2 and "no metrics.jsonl" in r.err
