@@ -31,6 +31,7 @@ FORMAT_VERSION = 1
 META_FILE = "meta.json"
 TRAIN_FILE = "train.bin"
 VAL_FILE = "val.bin"
+VAL_TEXT_FILE = "val.txt"
 TOKENIZER_FILE = "tokenizer.model"
 SPLIT_CHOICES = ("paragraph", "line", "file")
 INVALID_UTF8_CHOICES = ("error", "replace", "skip")
@@ -133,7 +134,7 @@ def _prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
 
 
 def prepare(files, tokenizer, out, *, force: bool = False, progress: Progress | None = None, **options) -> dict:
-    """Tokenize text files into `out/{train,val}.bin` + `meta.json` (+ tokenizer.model).
+    """Tokenize text files into `out/{train,val}.bin` + `meta.json` (+ tokenizer.model, and val.txt: the held-out text).
 
     `tokenizer` is a tokenizer directory or tokenizer.model file; `options` are
     `PrepareConfig` fields. Returns the meta plus `out` and `seconds`.
@@ -181,7 +182,8 @@ def prepare(files, tokenizer, out, *, force: bool = False, progress: Progress | 
         return sum(s["bytes"] for s in sources[:index])
 
     with atomic_dir(out, force=force) as tmp:
-        with open(tmp / TRAIN_FILE, "wb") as train_fh, open(tmp / VAL_FILE, "wb") as val_fh:
+        with open(tmp / TRAIN_FILE, "wb") as train_fh, open(tmp / VAL_FILE, "wb") as val_fh, \
+                open(tmp / VAL_TEXT_FILE, "w", encoding="utf-8", newline="") as val_text:
             handles = {"train": train_fh, "val": val_fh}
             for _, docs, done in _prefetch(batches()):
                 splits = {"train": [], "val": []}
@@ -194,6 +196,8 @@ def prepare(files, tokenizer, out, *, force: bool = False, progress: Progress | 
                         continue
                     ids = tok.encode_concat(split_docs, eos=True, dtype=np.int64)
                     ids.astype(dtype).tofile(handles[split])
+                    if split == "val":  # the held-out text itself, for `lbdl eval perplexity`
+                        val_text.write("".join(split_docs))
                     c = counts[split]
                     c["tokens"] += int(ids.size)
                     c["documents"] += len(split_docs)

@@ -114,6 +114,8 @@ def test_shards_hold_every_document_exactly_once(shards, corpus, tok):
     assert (t, v) == (len(train_docs), len(val_docs))
     assert collections.Counter(train_docs) + collections.Counter(val_docs) == collections.Counter(original)
     assert 0.05 < len(val_docs) / len(original) < 0.15
+    # val.txt is the held-out text itself: exactly the validation documents, in order
+    assert (shards / "val.txt").read_text(encoding="utf-8") == "".join(val_docs)
 
 
 def test_meta(shards, corpus, tok_dir, tok):

@@ -202,6 +202,14 @@ def load_model(dir: str | os.PathLike, dtype: torch.dtype | str | None = None,
         dtype = parse_dtype(dtype)
     with torch.device("meta"):
         model = GPT(cfg)
+    quantized = _quantized_types(config, dir / CONFIG_FILE)
+    if quantized:  # swap in empty quantized modules: their packed bytes are loaded as they are
+        from quant.linear import prepare_quantized
+
+        try:
+            prepare_quantized(model, quantized)
+        except (AttributeError, ValueError) as e:
+            raise CheckpointError(f"{dir / CONFIG_FILE}: quantization section does not fit the model ({e})") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state = {}
     with open_safetensors(path) as f:
@@ -211,12 +219,50 @@ def load_model(dir: str | os.PathLike, dtype: torch.dtype | str | None = None,
                 t = f.get_tensor(k)
                 if dtype is not None and t.is_floating_point():
                     t = t.to(dtype)
-                state[k] = t.to(device)
+                t = t.to(device)
+                if quantized and k not in quantized:
+                    t = t.clone()  # own copy: nothing holds the file's mapping once the packed bytes are converted
+                state[k] = t
         except Exception as e:
             raise CheckpointError(f"{path} is corrupt or truncated ({str(e).splitlines()[0]}); re-save or re-download it") from None
     model.load_state_dict(state, assign=True, strict=True)
     model.reset_rope(device=device)
+    if quantized:  # the float dtype quantized modules take and report
+        from quant.linear import finish_loading
+
+        finish_loading(model, dtype or next(p.dtype for p in model.parameters() if p.is_floating_point()))
     return model.eval(), config
+
+
+def _quantized_types(config: dict, where) -> dict[str, str]:
+    """{tensor name: quantization type} of a quantized model directory ({} for a float one)."""
+    section = config.get("quantization")
+    if not section:
+        return {}
+    from quant.formats import FORMATS
+
+    types = section.get("tensors") if isinstance(section, dict) else None
+    if not isinstance(types, dict):
+        raise CheckpointError(f"{where}: the quantization section has no 'tensors' map; re-quantize the model")
+    unknown = sorted({str(t) for t in types.values() if t not in FORMATS})
+    if unknown:
+        raise CheckpointError(f"{where}: unknown quantization type(s) {', '.join(unknown)}; this lbdl knows "
+                              f"{', '.join(FORMATS)} (upgrade lbdl)")
+    return types
+
+
+def convert_dtype(model_dir: str | os.PathLike, dtype: str, out: str | os.PathLike, force: bool = False) -> dict:
+    """Re-save a model directory (tokenizer and sections kept) with its floating-point weights in `dtype`."""
+    if dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"unknown dtype {dtype!r} for stored weights; choose float32 or bfloat16")
+    model, config = load_model(model_dir, dtype=dtype)
+    if "quantization" in config:
+        raise CheckpointError(f"{model_dir} is quantized; convert the unquantized model")
+    tokenizer = Path(model_dir) / TOKENIZER_FILE
+    sections = {k: v for k, v in config.items() if k not in ("format_version", "model")}
+    with atomic_dir(out, force=force) as tmp:
+        write_model(tmp, model.config, model.state_dict(), tokenizer if tokenizer.is_file() else None, sections)
+    return {"out": str(out), "dtype": dtype, "params": model.num_params()}
 
 
 # --- metadata ------------------------------------------------------------------------
@@ -236,7 +282,10 @@ def model_info(dir: str | os.PathLike) -> dict:
     path = weights_path(dir)
     shapes = tensor_shapes(path)
     dtypes = tensor_dtypes(path)
-    n_params = sum(_numel(s) for s in shapes.values())
+    qtypes = _quantized_types(config, dir / CONFIG_FILE)
+    tensors = _tensor_table(path, shapes, dtypes, qtypes)
+    n_params = sum(_numel(t["shape"]) for t in tensors)
+    weight_bytes = sum(t["bytes"] for t in tensors)
     info = {
         "path": str(dir),
         "format_version": config["format_version"],
@@ -245,12 +294,37 @@ def model_info(dir: str | os.PathLike) -> dict:
         "flops_per_token": flops_per_token(cfg, training=False),
         "size_bytes": dir_size(dir),
         "dtypes": sorted(set(dtypes.values())),
+        "bits_per_weight": 8 * weight_bytes / n_params if n_params else 0.0,
+        "tensors": tensors,
         "tokenizer": config.get("tokenizer") or ({"file": TOKENIZER_FILE} if (dir / TOKENIZER_FILE).exists() else None),
     }
     for section in ("quantization", "training", "source"):
         if section in config:
             info[section] = config[section]
+    if qtypes:  # each tensor's type is in `tensors`; the section keeps the summary
+        info["quantization"] = {k: v for k, v in config["quantization"].items() if k != "tensors"}
     return info
+
+
+def _tensor_table(path: Path, shapes: dict, dtypes: dict, qtypes: dict) -> list[dict]:
+    """Name, logical shape, type (a quantization type or the stored dtype) and bytes of every tensor."""
+    from quant.formats import FORMATS
+
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+    table = []
+    for name, shape in shapes.items():
+        begin, end = header[name]["data_offsets"]
+        shape = list(shape)
+        if name in qtypes:
+            fmt = FORMATS[qtypes[name]]
+            try:
+                shape[-1] = fmt.k_from_row_bytes(shape[-1])
+            except ConfigError:
+                raise CheckpointError(f"{path}: tensor {name} is not whole {fmt.name} rows") from None
+        table.append({"name": name, "shape": shape, "type": qtypes.get(name, dtypes[name]), "bytes": end - begin})
+    return table
 
 
 def _numel(shape) -> int:

@@ -1,4 +1,4 @@
-"""`lbdl import` and `lbdl export`: Hugging Face transformers directories."""
+"""`lbdl import`, `lbdl export` (Hugging Face transformers directories) and `lbdl convert` (dtype)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from .output import DTYPE_OPTION, FORCE_OPTION, JSON_OPTION, console, emit, huma
 def register(app: typer.Typer) -> None:
     app.command("import")(import_)
     app.command("export")(export)
+    app.command("convert")(convert)
 
 
 def import_(
@@ -45,3 +46,18 @@ def export(
     result = export_hf(model, out, force=force)
     emit(result, as_json, lambda: console.print(
         f"exported {model} as {result['architecture']} -> {result['out']} ({result['tensors']} tensors)"))
+
+
+def convert(
+    model: str = typer.Argument(..., help="lbdl model directory."),
+    dtype: str = typer.Option(..., "--dtype", help="float32 | bfloat16: the dtype of the stored weights."),
+    out: str = typer.Option(..., "--out", help="Output model directory."),
+    force: bool = FORCE_OPTION,
+    as_json: bool = JSON_OPTION,
+):
+    """Re-save a model with its weights in another dtype (bfloat16 halves the size)."""
+    from ..checkpoint import convert_dtype
+
+    result = convert_dtype(model, dtype, out, force=force)
+    emit(result, as_json, lambda: console.print(
+        f"wrote {result['out']}: {human_count(result['params'])} parameters in {result['dtype']}"))
