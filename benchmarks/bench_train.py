@@ -120,7 +120,9 @@ def main():
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--no-compile", action="store_true", help="only the rows without torch.compile")
+    parser.add_argument("--only-compile", action="store_true", help="only the rows with torch.compile")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
 
@@ -136,9 +138,9 @@ def main():
         vocab = json.loads((shards / "meta.json").read_text())["vocab_size"]
         model_cfg = load_preset(args.preset)[0].replace(vocab_size=vocab, dropout=0.0)
         flops = flops_per_token(model_cfg, args.context, training=True)
-        for dtype in ("float32", "bfloat16"):
+        for dtype in args.dtypes.split(","):
             peak = measure_peak_tflops("cpu", torch.bfloat16 if dtype == "bfloat16" else None, seconds=1.0)
-            for compile in ((False,) if args.no_compile else (False, True)):
+            for compile in ((False,) if args.no_compile else (True,) if args.only_compile else (False, True)):
                 warmup = args.warmup + (2 if compile else 0)
                 ours, peer = [], []
                 for r in range(args.repeats):  # interleaved, so drift hits both sides alike
