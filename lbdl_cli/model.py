@@ -175,18 +175,52 @@ class CausalSelfAttention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.qkv_sizes = (cfg.n_embd, kv_dim, kv_dim)
+        self._fused = None  # (key, weight, bias): q, k, v stacked for decoding, see fused_qkv
+
+    def fused_qkv(self):
+        """(weight, bias) of q, k and v stacked: one matrix multiply per decoded token instead of three.
+
+        Built on first use and rebuilt whenever a projection's tensors change (a new
+        tensor or an in-place update); None when a projection is not a plain nn.Linear
+        (an adapter or a quantized layer), which then runs as it is.
+        """
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if any(type(p) is not nn.Linear for p in projs):
+            return None
+        try:
+            key = tuple((t.data_ptr(), t._version) for p in projs for t in (p.weight, p.bias) if t is not None)
+        except RuntimeError:  # inference tensors keep no version counter
+            return None
+        if self._fused is None or self._fused[0] != key:
+            with torch.no_grad(), torch.inference_mode(False):
+                ws = [p.weight.detach() for p in projs]
+                if all(w.stride(0) == 1 and w.shape[1] > 1 for w in ws):  # column-major: keep the layout
+                    weight = torch.cat([w.t() for w in ws], dim=1).t()
+                else:
+                    weight = torch.cat(ws)
+                bias = torch.cat([p.bias.detach() for p in projs]) if self.q_proj.bias is not None else None
+            self._fused = (key, weight, bias)
+        return self._fused[1:]
 
     def forward(self, x, rope=None, cache: KVCache | None = None):
         B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        fused = self.fused_qkv() if cache is not None and not self.training else None
+        if fused is not None:  # generation: one matrix multiply
+            q, k, v = F.linear(x, *fused).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         past = 0
         if cache is not None:
             past = cache.length
-            k, v = cache.update(self.layer, k, v)  # (B, Hkv, past+T, D)
+            cached_k, cached_v = cache.update(self.layer, k, v)  # (B, Hkv, past+T, D)
+            if past:  # a prompt's first pass attends to its own k, v; later ones to the cache
+                q, k, v = q.to(cached_k.dtype), cached_k, cached_v  # a CPU cache holds float32 (GPT.new_cache)
         mask, is_causal = None, T > 1
         if past and T > 1:  # new queries attend to every cached key and causally among themselves
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
@@ -196,7 +230,7 @@ class CausalSelfAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head,
         )  # (B, H, T, D)
-        y = y.transpose(1, 2).reshape(B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, C).to(x.dtype)
         return self.resid_dropout(self.o_proj(y))
 
 
@@ -297,7 +331,7 @@ class GPT(nn.Module):
         x = self.tok_emb(idx)  # (B, T, C)
         rope = None
         if self.config.positions == "learned":
-            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+            x = x + self.pos_emb.weight[start:start + T]  # (T, C): positions start..start+T-1
         else:
             rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
         x = self.drop(x)
@@ -324,8 +358,11 @@ class GPT(nn.Module):
                 m.dropout = p
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """A cache in the weights' dtype, but float32 on a CPU: there attention with one
+        query (decoding) runs several times faster in float32 than in bfloat16."""
         w = self.tok_emb.weight
-        return KVCache(self.config, batch_size, max_len, device=w.device, dtype=w.dtype)
+        dtype = torch.float32 if w.device.type == "cpu" and w.is_floating_point() else w.dtype
+        return KVCache(self.config, batch_size, max_len, device=w.device, dtype=dtype)
 
     # --- sizes -------------------------------------------------------------------
 

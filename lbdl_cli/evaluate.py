@@ -1,0 +1,375 @@
+"""Evaluation: perplexity and bits per byte of a text, exact-match accuracy on a task file.
+
+Perplexity follows llama.cpp's `llama-perplexity` by default: the token stream
+is cut into non-overlapping windows of `ctx` tokens, each scored from scratch,
+and only the second half of each window counts, so every scored token has at
+least ctx/2 tokens of context. With `stride` it is the sliding-window
+convention of Hugging Face's perplexity guide instead: windows of `ctx` start
+every `stride` tokens and each scores only the tokens that no earlier window
+scored (the last window is moved back to end at the last token, keeping its
+full length).
+
+    from lbdl_cli.evaluate import perplexity
+    result = perplexity(model, ids, ctx=256)          # any loaded GPT and token ids
+    result["perplexity"], result["std_error"], result["tokens"]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from .errors import ConfigError, DataError
+from .sample import SamplingConfig, generate, load_for_inference
+
+if TYPE_CHECKING:
+    import torch
+
+Progress = Callable[[int, int], None]  # (windows or records done, total)
+MAX_LOGITS = 1 << 26  # floats of logits per forward pass (256 MB in float32): caps the rows per batch
+
+
+# --- perplexity ------------------------------------------------------------------------------
+
+
+def _int(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def windows(n: int, ctx: int, stride: int | None = None) -> list[tuple[int, int]]:
+    """(start, first) per window: tokens [start, start + ctx) are fed, and the targets at
+    window positions first + 1 .. ctx - 1 are scored."""
+    if stride is None:  # llama.cpp: non-overlapping windows, the second half scored
+        return [(i * ctx, ctx // 2) for i in range(n // ctx)]
+    out, begin, prev_end = [], 0, 0
+    while True:
+        end = min(begin + ctx, n)
+        start = end - ctx
+        out.append((start, max(prev_end - start - 1, 0)))
+        prev_end = end
+        if end == n:
+            return out
+        begin += stride
+
+
+def perplexity(model, ids, ctx: int, stride: int | None = None, batch_size: int = 8, n_bytes: int | None = None,
+               progress: Progress | None = None, token_bytes: Sequence[int] | torch.Tensor | None = None) -> dict:
+    """Perplexity of `model` on the token stream `ids` (a 1-D sequence of ints).
+
+    Returns perplexity, nll (mean nats per scored token), std_error (of the
+    perplexity, as llama.cpp: ppl * sqrt(var(nll) / (N - 1))), nll_std_error,
+    tokens (scored), windows, ctx, stride, convention, tokens_evaluated (fed
+    through the model), seconds, tokens_per_s (evaluated tokens per second) and,
+    with `token_bytes` (bytes of each vocabulary id) or `n_bytes` (bytes of the
+    text `ids` encode), bits_per_byte = nats / ln 2 / bytes of the scored tokens
+    (exact with token_bytes; with n_bytes, its share for the scored tokens).
+    At most `batch_size` windows go through the model at once (fewer when their
+    logits would pass MAX_LOGITS floats).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if not isinstance(ids, torch.Tensor):
+        import numpy as np
+
+        ids = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+    ids = ids.long().flatten().cpu()
+    n = ids.numel()
+    block = model.config.block_size
+    _int("ctx", ctx, 4)
+    if ctx > block:
+        raise ConfigError(f"ctx {ctx} is longer than the model's context (block_size {block}); use --ctx {block} or less")
+    if stride is not None:
+        _int("stride", stride, 1)
+        if stride > ctx:
+            raise ConfigError(f"stride {stride} is larger than ctx {ctx}; use a stride between 1 and {ctx}")
+    _int("batch_size", batch_size, 1)
+    if n < ctx:
+        raise DataError(f"the text has {n} tokens, fewer than one window: ctx {ctx} needs at least {ctx} tokens "
+                        f"(use a longer text or a smaller --ctx)")
+    vocab = model.config.vocab_size
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab:
+        raise DataError(f"token id {lo if lo < 0 else hi} is out of range for the model's vocabulary of {vocab}")
+    plan = windows(n, ctx, stride)
+    device = model.tok_emb.weight.device
+    if token_bytes is not None:
+        token_bytes = torch.as_tensor(token_bytes, dtype=torch.long)
+    total = total_sq = 0.0
+    count = scored_bytes = 0
+    done = 0
+    start_time = time.perf_counter()
+    with torch.inference_mode():
+        i = 0
+        while i < len(plan):
+            first = min(a for _, a in plan[i:i + batch_size])
+            keep = ctx - first
+            rows = max(1, min(batch_size, MAX_LOGITS // (keep * vocab)))
+            batch = plan[i:i + rows]
+            first = min(a for _, a in batch)
+            keep = ctx - first
+            x = torch.stack([ids[s:s + ctx] for s, _ in batch])  # (b, ctx)
+            logits = model(x.to(device), logits_to_keep=keep)[:, :-1]  # (b, keep - 1, V): positions first..ctx-2
+            targets = x[:, first + 1:].to(device)  # (b, keep - 1)
+            nll = F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1), reduction="none")
+            nll = nll.view(len(batch), keep - 1).double().cpu()
+            pos = torch.arange(first, ctx - 1)  # window position of each logit
+            mask = pos[None, :] >= torch.tensor([a for _, a in batch])[:, None]  # (b, keep - 1)
+            chosen = nll[mask]
+            total += float(chosen.sum())
+            total_sq += float((chosen * chosen).sum())
+            count += int(chosen.numel())
+            if token_bytes is not None:
+                scored_bytes += int(token_bytes[x[:, first + 1:]][mask].sum())
+            i += len(batch)
+            done += len(batch)
+            if progress is not None:
+                progress(done, len(plan))
+    seconds = time.perf_counter() - start_time
+    mean = total / count
+    var = max(total_sq / count - mean * mean, 0.0)
+    nll_se = math.sqrt(var / (count - 1)) if count > 1 else 0.0
+    ppl = math.exp(mean)
+    evaluated = len(plan) * ctx
+    result = {
+        "perplexity": ppl, "std_error": ppl * nll_se, "nll": mean, "nll_std_error": nll_se,
+        "tokens": count, "windows": len(plan), "ctx": ctx, "stride": stride,
+        "convention": "llama.cpp" if stride is None else "sliding",
+        "tokens_evaluated": evaluated, "seconds": seconds,
+        "tokens_per_s": evaluated / seconds if seconds > 0 else 0.0,
+    }
+    if token_bytes is None and n_bytes is not None:
+        scored_bytes = n_bytes * count / n
+    if token_bytes is not None or n_bytes is not None:
+        result["bytes"] = scored_bytes
+        result["bits_per_byte"] = total / math.log(2) / scored_bytes if scored_bytes else float("nan")
+    return result
+
+
+def token_byte_lengths(tokenizer) -> list[int]:
+    """UTF-8 bytes each id decodes to (a byte piece is one byte, a special token none)."""
+    out = []
+    for i in range(tokenizer.vocab_size):
+        if tokenizer.is_byte(i):
+            out.append(1)
+        elif tokenizer.is_special(i):
+            out.append(0)
+        else:
+            out.append(len(tokenizer.id_to_piece(i).replace("\u2581", " ").encode("utf-8")))
+    return out
+
+
+def read_text(path: str | os.PathLike) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+
+
+def perplexity_of_file(model_dir: str | os.PathLike | None, path: str | os.PathLike, ctx: int | None = None,
+                       stride: int | None = None, batch_size: int = 8, dtype=None, device="cpu",
+                       progress: Progress | None = None) -> dict:
+    """`perplexity` of a model directory on a UTF-8 text file (ctx None = the model's context)."""
+    text = read_text(path)
+    model, tok, _ = load_for_inference(model_dir, dtype, device)
+    ctx = model.config.block_size if ctx is None else ctx
+    ids = tok.encode(text)
+    lengths = token_byte_lengths(tok)
+    n_bytes = len(text.encode("utf-8"))
+    exact = sum(lengths[i] for i in ids) == n_bytes  # an exact tokenizer: bytes of the scored tokens known
+    try:
+        result = perplexity(model, ids, ctx, stride=stride, batch_size=batch_size, progress=progress,
+                            **({"token_bytes": lengths} if exact else {"n_bytes": n_bytes}))
+    except DataError as e:
+        raise DataError(f"{path}: {e}") from None
+    return {"model": str(model_dir) if model_dir is not None else "default", "file": str(path),
+            "file_tokens": len(ids), "file_bytes": n_bytes, "dtype": str(model.tok_emb.weight.dtype).replace("torch.", ""),
+            "device": str(model.tok_emb.weight.device), **result}
+
+
+# --- task accuracy --------------------------------------------------------------------------
+
+EXTRACT_METHODS = ("auto", "exact", "number", "last-number", "choice", "regex")
+DEFAULT_CHOICES = ("A", "B", "C", "D", "E")
+NUMBER_RE = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+
+
+def load_tasks(path: str | os.PathLike) -> list[dict]:
+    """Records of a JSONL task file: {"prompt": ..., "answer": ...} (+ optional choices, extract, pattern)."""
+    path = Path(path)
+    text = read_text(path)
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {n} is not valid JSON ({e.msg}); each line must be one "
+                            f'{{"prompt": ..., "answer": ...}} object') from None
+        if not isinstance(rec, dict):
+            raise DataError(f'{path} line {n} is not a JSON object; expected {{"prompt": ..., "answer": ...}}')
+        if not isinstance(rec.get("prompt"), str) or not rec["prompt"]:
+            raise DataError(f'{path} line {n} has no "prompt" text')
+        answer = rec.get("answer")
+        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or str(answer).strip() == "":
+            raise DataError(f'{path} line {n} has no "answer" (a string or a number)')
+        if "choices" in rec and (not isinstance(rec["choices"], list) or not rec["choices"]
+                                 or not all(isinstance(c, str) and c.strip() for c in rec["choices"])):
+            raise DataError(f'{path} line {n}: "choices" must be a non-empty list of strings')
+        if rec.get("extract", "auto") not in EXTRACT_METHODS:
+            raise DataError(f'{path} line {n}: "extract" {rec["extract"]!r} must be one of {", ".join(EXTRACT_METHODS)}')
+        records.append({**rec, "line": n})
+    if not records:
+        raise DataError(f'{path} holds no records; write one {{"prompt": ..., "answer": ...}} object per line')
+    return records
+
+
+def canonical_number(text) -> str | None:
+    """A number written as text ("1,234.50", "-7") in one canonical form ("1234.5", "-7"); else None."""
+    try:
+        d = Decimal(str(text).strip().replace(",", ""))
+    except InvalidOperation:
+        return None
+    if not d.is_finite():
+        return None
+    d = d.normalize()
+    return format(d.quantize(Decimal(1)) if d == d.to_integral_value() else d, "f")
+
+
+def _compile(pattern: str | None) -> re.Pattern:
+    if not pattern:
+        raise ConfigError("regex extraction needs a pattern (--pattern, or \"pattern\" in the record)")
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(f"invalid regular expression {pattern!r}: {e}") from None
+
+
+def resolve_method(record: dict, method: str) -> str:
+    method = record.get("extract", method)
+    if method != "auto":
+        return method
+    if "choices" in record:
+        return "choice"
+    if canonical_number(record["answer"]) is not None:
+        return "number"
+    return "exact"
+
+
+def extract_answer(text: str, method: str, pattern: str | None = None,
+                   choices: Sequence[str] | None = None) -> str | None:
+    """The answer a completion gives, by `method`; None when it gives none.
+
+    exact: the first line, stripped. number / last-number: the first / last
+    number (commas allowed), canonical. choice: the first of `choices` that
+    stands alone as a word (letters A-E by default). regex: the first match's
+    group 1 (or the whole match).
+    """
+    if method == "exact":
+        line = text.strip().split("\n", 1)[0].strip() if text.strip() else ""
+        return line or None
+    if method in ("number", "last-number"):
+        found = NUMBER_RE.findall(text)
+        if not found:
+            return None
+        return canonical_number(found[0] if method == "number" else found[-1])
+    if method == "choice":
+        labels = [c.strip() for c in (choices or DEFAULT_CHOICES)]
+        alternation = "|".join(re.escape(c) for c in sorted(labels, key=len, reverse=True))
+        flags = 0 if all(len(c) == 1 for c in labels) else re.IGNORECASE
+        m = re.search(rf"(?<!\w)({alternation})(?!\w)", text, flags)
+        if not m:
+            return None
+        return next(c for c in labels if c.lower() == m.group(1).lower()) if flags else m.group(1)
+    if method == "regex":
+        m = _compile(pattern).search(text)
+        if not m:
+            return None
+        return (m.group(1) if m.re.groups else m.group(0)).strip()
+    raise ConfigError(f"unknown extraction {method!r}; choose one of {', '.join(EXTRACT_METHODS)}")
+
+
+def is_correct(predicted: str | None, record: dict, method: str) -> bool:
+    if predicted is None:
+        return False
+    answer = record["answer"]
+    if method in ("number", "last-number"):
+        expected = canonical_number(answer)
+        if expected is None:
+            raise DataError(f"line {record.get('line', '?')}: answer {answer!r} is not a number; "
+                            f"use --extract exact, choice or regex for it")
+        return predicted == expected
+    if method == "choice":
+        return predicted.lower() == str(answer).strip().lower()
+    return predicted == str(answer).strip()
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (sound also near 0 and 1 and for small n)."""
+    if total == 0:
+        return 0.0, 1.0
+    p = correct / total
+    denom = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denom
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def task_accuracy(model, tokenizer, records: list[dict], config: SamplingConfig | None = None,
+                  extract: str = "auto", pattern: str | None = None, batch_size: int = 8,
+                  progress: Progress | None = None) -> dict:
+    """Exact-match accuracy of greedy completions of `records` (see load_tasks), with a 95% CI."""
+    if extract not in EXTRACT_METHODS:
+        raise ConfigError(f"unknown extraction {extract!r}; choose one of {', '.join(EXTRACT_METHODS)}")
+    _int("batch_size", batch_size, 1)
+    config = config or SamplingConfig(temperature=0.0, max_new_tokens=32, stop=("\n",))
+    if not config.greedy:
+        raise ConfigError("task accuracy uses greedy completions; set temperature 0")
+    methods = [resolve_method(r, extract) for r in records]
+    for r, m in zip(records, methods):  # check every record before generating anything
+        if m == "regex":
+            _compile(r.get("pattern", pattern))
+        elif m in ("number", "last-number") and canonical_number(r["answer"]) is None:
+            raise DataError(f"line {r.get('line', '?')}: answer {r['answer']!r} is not a number; "
+                            f"use --extract exact, choice or regex for it")
+    rows = []
+    start = time.perf_counter()
+    new_tokens = 0
+    for i in range(0, len(records), batch_size):
+        chunk = records[i:i + batch_size]
+        outs = generate(model, tokenizer, [r["prompt"] for r in chunk], config)
+        for r, m, g in zip(chunk, methods[i:i + batch_size], outs):
+            predicted = extract_answer(g.text, m, r.get("pattern", pattern), r.get("choices"))
+            rows.append({"line": r["line"], "prompt": r["prompt"], "answer": r["answer"], "completion": g.text,
+                         "extract": m, "predicted": predicted, "correct": is_correct(predicted, r, m)})
+            new_tokens += g.new_tokens
+        if progress is not None:
+            progress(len(rows), len(records))
+    seconds = time.perf_counter() - start
+    correct = sum(r["correct"] for r in rows)
+    lo, hi = wilson_interval(correct, len(rows))
+    return {"accuracy": correct / len(rows), "correct": correct, "total": len(rows), "ci95": [lo, hi],
+            "ci_method": "wilson", "extract": extract, "new_tokens": new_tokens, "seconds": seconds,
+            "sampling": config.to_dict(), "records": rows}
+
+
+def task_accuracy_of_file(model_dir: str | os.PathLike | None, path: str | os.PathLike,
+                          config: SamplingConfig | None = None, extract: str = "auto", pattern: str | None = None,
+                          batch_size: int = 8, dtype=None, device="cpu", progress: Progress | None = None) -> dict:
+    """`task_accuracy` of a model directory on a JSONL task file."""
+    records = load_tasks(path)
+    model, tok, _ = load_for_inference(model_dir, dtype, device)
+    result = task_accuracy(model, tok, records, config, extract, pattern, batch_size, progress)
+    return {"model": str(model_dir) if model_dir is not None else "default", "file": str(path), **result}

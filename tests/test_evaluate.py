@@ -1,0 +1,311 @@
+"""Perplexity, bits per byte and task accuracy: known answers, the transformers oracle, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lbdl_cli.errors import ConfigError, DataError
+from lbdl_cli.evaluate import (
+    canonical_number, extract_answer, is_correct, load_tasks, perplexity, task_accuracy, token_byte_lengths,
+    wilson_interval, windows,
+)
+from lbdl_cli.sample import SamplingConfig, generate, load_for_inference
+
+from conftest import tiny_model
+from test_sample import ROOT, ScriptedLM, model_dir, tok, tok_dir  # noqa: F401  (shared fixtures)
+
+
+@torch.no_grad()
+def direct_nlls(model_fn, ids, ctx, stride=None):
+    """Per-token NLLs by the book: each window through a full forward pass, one token at a time.
+
+    llama.cpp: window i holds tokens [i*ctx, (i+1)*ctx); the targets at window positions
+    ctx/2 + 1 .. ctx - 1 are scored. Sliding: window starts every `stride` tokens, each
+    scoring the targets not scored before (the last window ends at the last token).
+    """
+    n, out = len(ids), []
+    if stride is None:
+        plan = [(s, list(range(s + ctx // 2 + 1, s + ctx))) for s in range(0, n - ctx + 1, ctx)]
+    else:
+        plan, scored, begin = [], 0, 0
+        while True:
+            end = min(begin + ctx, n)
+            start = end - ctx
+            targets = [t for t in range(max(scored, start + 1), end)]
+            plan.append((start, targets))
+            scored = end
+            if end == n:
+                break
+            begin += stride
+    for start, targets in plan:
+        x = torch.tensor([ids[start:start + ctx]])
+        logp = model_fn(x)[0].float().log_softmax(-1)  # (ctx, V)
+        for t in targets:
+            out.append(-float(logp[t - start - 1, ids[t]]))
+    return out
+
+
+def ppl_of(nlls):
+    return math.exp(sum(nlls) / len(nlls))
+
+
+# --- windows ------------------------------------------------------------------------------------
+
+
+def test_windows_known_answers():
+    assert windows(10, 4) == [(0, 2), (4, 2)]  # llama.cpp: 2 whole windows, the remainder dropped
+    assert windows(10, 4, stride=2) == [(0, 0), (2, 1), (4, 1), (6, 1)]
+    assert windows(9, 4, stride=3) == [(0, 0), (3, 0), (5, 1)]  # the last window ends at the last token
+
+
+@pytest.mark.parametrize("n, ctx, stride", [(50, 8, 1), (50, 8, 3), (50, 8, 7), (51, 16, 5), (16, 16, 4)])
+def test_sliding_windows_score_every_token_after_the_first_exactly_once(n, ctx, stride):
+    scored = []
+    for start, first in windows(n, ctx, stride):
+        assert 0 <= start and start + ctx <= n
+        scored += list(range(start + first + 1, start + ctx))
+    assert sorted(scored) == list(range(1, n))
+
+
+# --- perplexity: known answers and the direct loop -------------------------------------------------
+
+
+def test_uniform_model_has_perplexity_v_and_bits_per_byte_known():
+    V = 400
+    model = ScriptedLM([0], prompt_len=0, vocab=V, block_size=64)
+    model.forward = lambda idx, cache=None, logits_to_keep=0: torch.zeros(idx.shape[0], logits_to_keep or idx.shape[1], V)
+    ids = torch.randint(0, V, (300,), generator=torch.Generator().manual_seed(0))
+    token_bytes = torch.arange(V) % 4 + 1
+    r = perplexity(model, ids, ctx=32, token_bytes=token_bytes)
+    assert r["perplexity"] == pytest.approx(V, rel=1e-6) and r["nll"] == pytest.approx(math.log(V))
+    assert r["std_error"] == pytest.approx(0.0, abs=1e-9)
+    assert r["windows"] == 9 and r["tokens"] == 9 * 15  # 300 // 32 windows, 32 - 1 - 16 scored in each
+    scored = torch.cat([ids[s + 17:s + 32] for s, _ in windows(300, 32)])
+    assert r["bytes"] == int(token_bytes[scored].sum())
+    assert r["bits_per_byte"] == pytest.approx(r["tokens"] * math.log(V) / math.log(2) / r["bytes"])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("stride", [None, 5, 16])
+def test_perplexity_equals_the_direct_loop_for_any_batch_size(family, stride):
+    model = tiny_model(family=family)  # block_size 32
+    ids = torch.randint(0, 97, (203,), generator=torch.Generator().manual_seed(1)).tolist()
+    nlls = direct_nlls(model, ids, 16, stride)
+    mean = sum(nlls) / len(nlls)
+    var = sum((v - mean) ** 2 for v in nlls) / len(nlls)
+    for batch_size in (1, 3, 64):
+        r = perplexity(model, ids, ctx=16, stride=stride, batch_size=batch_size)
+        assert r["tokens"] == len(nlls)
+        assert r["perplexity"] == pytest.approx(ppl_of(nlls), rel=1e-5)
+        assert r["nll"] == pytest.approx(mean, rel=1e-5)
+        assert r["std_error"] == pytest.approx(r["perplexity"] * math.sqrt(var / (len(nlls) - 1)), rel=1e-4)
+        assert r["convention"] == ("llama.cpp" if stride is None else "sliding") and r["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_perplexity_of_an_imported_model_equals_transformers_on_the_same_windows(arch, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from lbdl_cli.checkpoint import load_model
+    from lbdl_cli.checkpoint.hf import import_hf
+
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=113, n_positions=64, n_embd=48,
+                                                                  n_layer=2, n_head=4))
+    else:
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=113, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64))
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    hf.eval().save_pretrained(tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "lbdl")
+    model, _ = load_model(tmp_path / "lbdl")
+    ids = torch.randint(0, 113, (500,), generator=torch.Generator().manual_seed(2)).tolist()
+    for stride in (None, 24):
+        theirs = ppl_of(direct_nlls(lambda x: hf(x).logits, ids, 64, stride))
+        ours = perplexity(model, ids, ctx=64, stride=stride, batch_size=4)
+        assert ours["perplexity"] == pytest.approx(theirs, rel=1e-5)
+
+
+def test_bfloat16_perplexity_is_close_to_float32():
+    model = tiny_model(family="llama")
+    ids = torch.randint(0, 97, (200,), generator=torch.Generator().manual_seed(3))
+    full = perplexity(model, ids, ctx=32)["perplexity"]
+    half = perplexity(model.to(torch.bfloat16), ids, ctx=32)["perplexity"]
+    assert half == pytest.approx(full, rel=0.02)
+
+
+def test_perplexity_refuses_bad_windows():
+    model = tiny_model()
+    ids = list(range(50))
+    with pytest.raises(DataError, match="has 20 tokens.*needs at least 32 tokens"):
+        perplexity(model, ids[:20], ctx=32)
+    with pytest.raises(ConfigError, match="longer than the model's context"):
+        perplexity(model, ids, ctx=64)
+    with pytest.raises(ConfigError, match="stride"):
+        perplexity(model, ids, ctx=16, stride=17)
+    with pytest.raises(ConfigError, match="ctx"):
+        perplexity(model, ids, ctx=2)
+
+
+def test_file_perplexity_bits_per_byte_counts_the_scored_bytes(model_dir, tok, tmp_path):
+    from lbdl_cli.evaluate import perplexity_of_file
+
+    text = (ROOT / "data" / "tinyshakespeare.txt").read_text()[5000:9000]
+    (tmp_path / "t.txt").write_text(text)
+    lengths = token_byte_lengths(tok)
+    ids = tok.encode(text)
+    assert sum(lengths[i] for i in ids) == len(text.encode())  # exact: byte counts per token add up
+    r = perplexity_of_file(model_dir, tmp_path / "t.txt", ctx=64, stride=64)
+    scored = {t for s, first in windows(len(ids), 64, 64) for t in range(s + first + 1, s + 64)}
+    assert len(scored) == r["tokens"] < len(ids)  # a window's first token has no context: not scored
+    assert r["bytes"] == sum(lengths[ids[t]] for t in scored)
+    assert r["bits_per_byte"] == pytest.approx(r["nll"] * r["tokens"] / math.log(2) / r["bytes"])
+    assert r["file_tokens"] == len(ids)
+
+
+# --- task accuracy ----------------------------------------------------------------------------------
+
+
+def test_answer_extraction_known_answers():
+    assert extract_answer("The answer is 1,234.50 apples, not 7", "number") == "1234.5"
+    assert extract_answer("Gina has 105 beans ... So there are 29 beans left.", "last-number") == "29"
+    assert extract_answer("no digits here", "number") is None
+    assert extract_answer("I think (B) is right, not A", "choice") == "B"
+    assert extract_answer("a banana", "choice") is None  # lower-case letters are words, not choices
+    assert extract_answer("Surely PARIS.", "choice", choices=["London", "Paris"]) == "Paris"
+    assert extract_answer("answer: foo-bar!", "regex", pattern=r"answer: ([\w-]+)") == "foo-bar"
+    assert extract_answer("  Paris\nand more", "exact") == "Paris"
+    assert canonical_number("29.0") == canonical_number(29) == "29" and canonical_number("x") is None
+
+
+def test_is_correct_compares_by_method():
+    assert is_correct("29", {"answer": 29}, "number")
+    assert is_correct("29", {"answer": "29.00"}, "number")
+    assert not is_correct("28", {"answer": 29}, "number")
+    assert is_correct("b", {"answer": "B"}, "choice")
+    assert not is_correct(None, {"answer": "x"}, "exact")
+
+
+def test_wilson_interval_known_values():
+    lo, hi = wilson_interval(8, 10)
+    assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
+    assert wilson_interval(0, 20)[0] == 0.0 and wilson_interval(20, 20)[1] == pytest.approx(1.0)
+
+
+def test_task_accuracy_with_known_completions(tok):
+    script = tok.encode("The answer is 42.\nQ: next") + [tok.eos_id]
+    prompts = ["Q: 12+30=", "Q: 50+18=", "Q: 16+26=", "Q: 90+99="]
+    lengths = {len(tok.encode(p)) for p in prompts}
+    assert len(lengths) == 1  # one prompt length, so the scripted model answers each the same way
+    model = ScriptedLM(script, lengths.pop())
+    records = [{"prompt": p, "answer": a, "line": i + 1} for i, (p, a) in enumerate(zip(prompts, [42, "42", 42, 189]))]
+    r = task_accuracy(model, tok, records, batch_size=3)
+    assert (r["correct"], r["total"], r["accuracy"]) == (3, 4, 0.75)
+    assert r["ci95"] == pytest.approx(list(wilson_interval(3, 4)))
+    assert [x["completion"] for x in r["records"]] == ["The answer is 42."] * 4  # stopped at the line break
+    assert task_accuracy(model, tok, records, extract="regex", pattern=r"is (\d+)")["correct"] == 3
+    assert task_accuracy(model, tok, records, extract="regex", pattern=r"is (\d)")["correct"] == 0  # "4"
+    with pytest.raises(ConfigError, match="greedy"):
+        task_accuracy(model, tok, records, SamplingConfig(temperature=1.0))
+
+
+def test_load_tasks_reports_the_bad_line(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"prompt": "a", "answer": 1}\n\n{"prompt": "b"}\n')
+    with pytest.raises(DataError, match="line 3 has no \"answer\""):
+        load_tasks(path)
+    path.write_text('{"prompt": "a", "answer": 1}\nnot json\n')
+    with pytest.raises(DataError, match="line 2 is not valid JSON"):
+        load_tasks(path)
+    path.write_text("\n")
+    with pytest.raises(DataError, match="no records"):
+        load_tasks(path)
+
+
+# --- the command line ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "eval.txt"
+    path.write_text((ROOT / "data" / "tinyshakespeare.txt").read_text()[:6000])
+    return path
+
+
+def test_eval_perplexity_command_json(cli, model_dir, text_file):
+    r = cli("eval", "perplexity", model_dir, text_file, "--ctx", "64", "--json")
+    assert r.code == 0, r.err
+    result = r.json()
+    model, tok_, _ = load_for_inference(model_dir)
+    direct = perplexity(model, tok_.encode(text_file.read_text()), ctx=64)
+    assert result["perplexity"] == pytest.approx(direct["perplexity"], rel=1e-6)
+    for key in ("perplexity", "nll", "bits_per_byte", "tokens", "std_error", "tokens_per_s"):
+        assert key in result
+    assert result["convention"] == "llama.cpp"
+    strided = cli("eval", "perplexity", model_dir, text_file, "--ctx", "64", "--stride", "32", "--json").json()
+    assert strided["convention"] == "sliding" and strided["tokens"] == strided["file_tokens"] - 1
+
+
+def test_eval_perplexity_human_output(cli, model_dir, text_file):
+    r = cli("eval", "perplexity", model_dir, text_file)
+    assert r.code == 0, r.err
+    assert "perplexity" in r.out and "bits/byte" in r.out and "tokens/s" in r.out
+
+
+def test_eval_task_command(cli, model_dir, tmp_path):
+    model, tok_, _ = load_for_inference(model_dir)
+    prompts = ["To be, or not", "Good night", "What light", "O Romeo"]
+    outs = generate(model, tok_, prompts, SamplingConfig(temperature=0.0, max_new_tokens=8, stop=("\n",)))
+    answers = [g.text.strip() if i % 2 == 0 else "wrong answer" for i, g in enumerate(outs)]
+    assert all(answers[::2])  # the model's own greedy completions are not empty
+    path = tmp_path / "tasks.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "answer": a, "extract": "exact"}) + "\n"
+                            for p, a in zip(prompts, answers)))
+    r = cli("eval", "task", model_dir, path, "--max-new-tokens", "8", "--json")
+    assert r.code == 0, r.err
+    result = r.json()
+    assert (result["correct"], result["total"]) == (2, 4)
+    assert result["ci95"] == pytest.approx(list(wilson_interval(2, 4)))
+    human = cli("eval", "task", model_dir, path, "--max-new-tokens", "8", "--show", "2")
+    assert "accuracy 0.5000 (2/4)" in human.out and "95% CI" in human.out
+
+
+@pytest.mark.parametrize("case", ["short-file", "missing-model", "no-tokenizer", "bad-jsonl", "missing-file",
+                                  "ctx-too-long", "bad-extract", "regex-without-pattern"])
+def test_eval_bad_input_is_one_line_exit_2(case, cli, model_dir, text_file, tmp_path):
+    from lbdl_cli.checkpoint import save_model
+
+    short = tmp_path / "short.txt"
+    short.write_text("To be, or not to be")
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": 3}\n' if case == "bad-jsonl"
+                     else '{"prompt": "a", "answer": "b"}\n')
+    if case == "no-tokenizer":
+        save_model(tiny_model(vocab_size=400), tmp_path / "no-tok")
+    args = {
+        "short-file": ["perplexity", model_dir, short, "--ctx", "64"],
+        "missing-model": ["perplexity", tmp_path / "nope", text_file],
+        "no-tokenizer": ["perplexity", tmp_path / "no-tok", text_file],
+        "bad-jsonl": ["task", model_dir, tasks],
+        "missing-file": ["perplexity", model_dir, tmp_path / "absent.txt"],
+        "ctx-too-long": ["perplexity", model_dir, text_file, "--ctx", "65"],
+        "bad-extract": ["task", model_dir, tasks, "--extract", "vibes"],
+        "regex-without-pattern": ["task", model_dir, tasks, "--extract", "regex"],
+    }[case]
+    r = cli("eval", *args)
+    assert r.code == 2, (r.out, r.err)
+    assert r.out == ""
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lbdl: error:"), r.err
+    expected = {"short-file": "needs at least 64 tokens", "missing-model": "does not exist",
+                "no-tokenizer": "tokenizer.model", "bad-jsonl": "line 2", "missing-file": "does not exist",
+                "ctx-too-long": "block_size 64", "bad-extract": "vibes", "regex-without-pattern": "pattern"}[case]
+    assert expected in lines[0]
