@@ -30,6 +30,7 @@ def info(
             "forward GFLOPs/token": f"{result['flops_per_token'] / 1e9:.4f}",
             "size on disk": human_bytes(result["size_bytes"]),
             "dtype": ", ".join(result["dtypes"]),
+            "bits per weight": f"{result['bits_per_weight']:.2f}",
             "tokenizer": result["tokenizer"] or "none",
         }
         for section in ("quantization", "training", "source"):
@@ -37,6 +38,13 @@ def info(
                 rows[section] = result[section]
         console.print(kv_table(rows))
         console.print(kv_table(result["model"], title="config"))
+        if "quantization" in result:  # each tensor's type
+            from rich.table import Table
+
+            table = Table("tensor", "shape", "type", "size", title="tensors")
+            for t in result["tensors"]:
+                table.add_row(t["name"], "x".join(map(str, t["shape"])), t["type"], human_bytes(t["bytes"]))
+            console.print(table)
 
     emit(result, as_json, render)
 
