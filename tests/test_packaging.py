@@ -23,3 +23,12 @@ def test_wheel_carries_the_models_folder(tmp_path):
     for top in ("lbdl_cli", "tokenizer", "quant"):  # every module of every package
         for module in (ROOT / top).rglob("*.py"):
             assert str(module.relative_to(ROOT)) in names, module
+
+
+def test_presets_are_found_from_an_uninstalled_checkout(tmp_path):
+    """`python -m lbdl_cli` with the checkout first on sys.path, as from the repository root."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import lbdl_cli.checkpoint as c; "
+            "print(c.preset_names(), c.default_model_dir().name)")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, cwd=tmp_path,
+                         check=True).stdout
+    assert "nano" in out and "llama-tiny" in out and out.strip().endswith("default")

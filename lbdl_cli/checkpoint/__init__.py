@@ -39,7 +39,11 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch
 
 
 def _presets_root():
-    return resources.files("lbdl_cli.presets")
+    """models/ as installed (the data package lbdl_cli.presets), or in a checkout run in place."""
+    try:
+        return resources.files("lbdl_cli.presets")
+    except ModuleNotFoundError:  # `python -m lbdl_cli` from an uninstalled checkout
+        return Path(__file__).resolve().parents[2] / "models"
 
 
 def preset_names() -> list[str]:
