@@ -298,7 +298,6 @@ def main() -> None:
                   f"{time.perf_counter() - t:.0f}s)\n")
             print(markdown_table(full))
             plot_sweep(full, args.figure)
-            Path(args.figure).with_suffix(".json").write_text(json.dumps(full, indent=2) + "\n")
             print(f"\nwrote {args.figure}")
     print(f"\nLoad average at end: {load_average()} (torch {torch.__version__})")
 
