@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from machine import cpu_name  # benchmarks/machine.py
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHAPES = {  # GPT-2 family, as lbdl's presets of the same names (micro with a 512-token context, to fit 128 + 256)
@@ -43,14 +45,7 @@ SHAPES = {  # GPT-2 family, as lbdl's presets of the same names (micro with a 51
 
 
 def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     if torch.cuda.is_available():
         cpu += f"; GPU {torch.cuda.get_device_name(0)}"
     import transformers

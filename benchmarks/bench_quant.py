@@ -41,6 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_name  # benchmarks/machine.py
+
 ROOT = Path(__file__).resolve().parents[1]
 SPEED_VARIANTS = ("fp32", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q4_k/emb")  # q4_k/emb: embeddings q4_k too
 PPL_TYPES = ("q8_0", "q4_0", "q4_1", "q4_k")
@@ -179,14 +181,7 @@ def measure_perplexity(model_dir: Path, eval_file: Path) -> dict:
 
 
 def machine(threads: int) -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     import torch
 
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -23,16 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from machine import cpu_name  # benchmarks/machine.py
+
 
 def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
