@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lbdl_cli.errors import ConfigError, DataError
 from lbdl_cli.evaluate import (

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from lbdl_cli.checkpoint import load_model, save_model
+from lbdl_cli.checkpoint import load_model
 from lbdl_cli.errors import ConfigError, DataError, RunFailed
 from lbdl_cli.model import GPT
 from lbdl_cli.train import TrainConfig, resolve
