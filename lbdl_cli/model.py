@@ -146,7 +146,9 @@ class KVCache:
     """Keys and values of the positions seen so far, preallocated per layer.
 
     `length` is the number of cached positions; the model writes new positions
-    at [length, length + T) and advances it after the last layer.
+    at [length, length + T) and advances it after the last layer. `qkv` holds,
+    per layer, the stacked q/k/v matrix the cached forward uses (None: the
+    separate projections), taken when the cache is made (GPT.new_cache).
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int | None = None, device=None, dtype=None):
@@ -155,6 +157,7 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.length = 0
+        self.qkv = [None] * cfg.n_layer
 
     def update(self, layer: int, k, v):  # k, v (B, Hkv, T, D) -> all cached (B, Hkv, length+T, D)
         start, end = self.length, self.length + k.shape[2]
@@ -205,7 +208,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rope=None, cache: KVCache | None = None):
         B, T, C = x.shape
-        fused = self.fused_qkv() if cache is not None and not self.training else None
+        fused = cache.qkv[self.layer] if cache is not None and not self.training else None
         if fused is not None:  # generation: one matrix multiply
             q, k, v = F.linear(x, *fused).split(self.qkv_sizes, dim=-1)
         else:
@@ -230,8 +233,8 @@ class CausalSelfAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head,
         )  # (B, H, T, D)
-        y = y.transpose(1, 2).reshape(B, T, C).to(x.dtype)
-        return self.resid_dropout(self.o_proj(y))
+        y = self.o_proj(y.transpose(1, 2).reshape(B, T, C).to(x.dtype))
+        return self.resid_dropout(y) if self.training else y
 
 
 # --- feed-forward ---------------------------------------------------------------
@@ -252,7 +255,8 @@ class MLP(nn.Module):
             h = F.silu(self.gate_proj(x)) * self.up_proj(x)
         else:
             h = F.gelu(self.up_proj(x), approximate="tanh")
-        return self.dropout(self.down_proj(h))  # (B, T, C)
+        h = self.down_proj(h)  # (B, T, C)
+        return self.dropout(h) if self.training else h
 
 
 class Block(nn.Module):
@@ -334,7 +338,8 @@ class GPT(nn.Module):
             x = x + self.pos_emb.weight[start:start + T]  # (T, C): positions start..start+T-1
         else:
             rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
-        x = self.drop(x)
+        if self.training:
+            x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope, cache)
         if cache is not None:
@@ -359,10 +364,15 @@ class GPT(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """A cache in the weights' dtype, but float32 on a CPU: there attention with one
-        query (decoding) runs several times faster in float32 than in bfloat16."""
+        query (decoding) runs several times faster in float32 than in bfloat16. It also
+        holds each layer's stacked q/k/v matrix as the weights are now (see fused_qkv),
+        so that a step of decoding does not check them again."""
         w = self.tok_emb.weight
         dtype = torch.float32 if w.device.type == "cpu" and w.is_floating_point() else w.dtype
-        return KVCache(self.config, batch_size, max_len, device=w.device, dtype=dtype)
+        cache = KVCache(self.config, batch_size, max_len, device=w.device, dtype=dtype)
+        if not self.training:
+            cache.qkv = [block.attn.fused_qkv() for block in self.blocks]
+        return cache
 
     # --- sizes -------------------------------------------------------------------
 

@@ -101,6 +101,21 @@ def test_kv_cache_matches_full_forward(family):
         parts += [model(x[:, t:t + 1], cache=cache) for t in range(17, 24)]
     assert cache.length == 24
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert all(qkv is not None for qkv in cache.qkv)  # the cached path ran the stacked q/k/v matrices
+
+
+def test_a_cache_takes_the_qkv_weights_as_they_are_when_made():
+    model = tiny_model()
+    x = torch.randint(0, 97, (1, 12))
+    with torch.no_grad():
+        before = model.new_cache(1)
+        for block in model.blocks:
+            block.attn.v_proj.weight.mul_(2.0)
+        full = model(x)
+        after = model.new_cache(1)
+        torch.testing.assert_close(model(x, cache=after), full, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(model(x, cache=before), full, atol=1e-3)
+    assert model.train().new_cache(1).qkv == [None, None]  # training runs the separate projections
 
 
 def test_context_longer_than_block_size_is_refused():
