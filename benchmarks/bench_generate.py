@@ -14,8 +14,11 @@ sides prefill = start -> first new token, decode = first -> last new token
 (decode tokens/s = (new tokens - 1) / decode time). Perplexity evaluation:
 `lbdl_cli.evaluate.perplexity` (llama.cpp convention) against the plain
 transformers loop (forward the windows, cross-entropy on the second half) on
-the same windows, batch 8. The lbdl and transformers runs alternate within each
-repeat; every cell is the median of --repeats runs, after one warm-up each.
+the same windows, batch 8. "matvec ceiling": the tokens/s of a step that only
+multiplies one vector by each weight matrix (torch's kernels), the bound for
+anything built on them when every weight must be read once per token. The
+lbdl and transformers runs alternate within each repeat; every cell is the
+median of --repeats runs, after one warm-up each.
 Needs the `bench` extra (transformers).
 """
 
@@ -104,6 +107,34 @@ def hf_generate(model, prompt, new_tokens, device):
     return first - t0, last - first, out[0, len(prompt):].tolist()
 
 
+def matvec_ceiling(model, repeats=30):
+    """Tokens/s of a decode step that did nothing but multiply one vector by each weight matrix
+    (torch's kernels, the weights as lbdl lays them out): the bound for any implementation built
+    on those kernels when a step must read every weight once, as batch-1 decoding does."""
+    from lbdl_cli.sample.decode import _single_row_gemv
+
+    mats = []
+    for block in model.blocks:
+        fused = block.attn.fused_qkv()
+        mats += [fused[0]] if fused else [block.attn.q_proj.weight, block.attn.k_proj.weight, block.attn.v_proj.weight]
+        mats += [block.attn.o_proj.weight] + [m.weight for m in block.mlp.children() if isinstance(m, torch.nn.Linear)]
+    mats.append(model.lm_head.weight if model.lm_head is not None else model.tok_emb.weight)
+    xs = {w.shape[1]: torch.randn(1, 1, w.shape[1], dtype=w.dtype, device=w.device) for w in mats}
+    with torch.inference_mode(), _single_row_gemv(model, 1):
+        def step():
+            for w in mats:
+                F.linear(xs[w.shape[1]], w)
+            if w.device.type == "cuda":
+                torch.cuda.synchronize()
+        step()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    return 1 / median(times)
+
+
 def lbdl_perplexity(model, ids, ctx, batch):
     from lbdl_cli.evaluate import perplexity
 
@@ -190,10 +221,11 @@ def main(argv=None):
                     row[f"{side}_prefill"] = median([x[0] for x in runs[side]])
                     row[f"{side}_decode"] = median([x[1] for x in runs[side]])
                 row["speedup"] = row["lbdl_decode"] / row["hf_decode"]
+                row["ceiling"] = matvec_ceiling(ours)
                 gen_rows.append(row)
                 print(f"  {row['model']} {dtype_name}: decode lbdl {row['lbdl_decode']:.1f} vs hf {row['hf_decode']:.1f} "
-                      f"tok/s ({row['speedup']:.2f}x), prefill lbdl {row['lbdl_prefill']:.0f} vs hf "
-                      f"{row['hf_prefill']:.0f} tok/s, same tokens: {same}", flush=True)
+                      f"tok/s ({row['speedup']:.2f}x; matvec ceiling {row['ceiling']:.1f}), prefill lbdl "
+                      f"{row['lbdl_prefill']:.0f} vs hf {row['hf_prefill']:.0f} tok/s, same tokens: {same}", flush=True)
                 if not args.skip_perplexity:
                     ctx = min(args.ppl_ctx, SHAPES[name]["n_positions"])
                     ids = torch.randint(0, SHAPES[name]["vocab_size"], (ctx * args.ppl_windows,), generator=g)
@@ -215,12 +247,13 @@ def main(argv=None):
     print(f"\nload average {load:.2f} at the end\n")
     print(f"Generation: batch 1, greedy, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens; "
           f"median of {args.repeats} runs, tokens/s\n")
-    print("| model | dtype | lbdl prefill | HF prefill | lbdl decode | HF decode | decode speed-up | same tokens |")
-    print("|---|---|---:|---:|---:|---:|---:|---|")
+    print("| model | dtype | lbdl prefill | HF prefill | lbdl decode | HF decode | decode speed-up | "
+          "matvec ceiling | ceiling / HF | same tokens |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in gen_rows:
         print(f"| {r['model']} | {r['dtype']} | {r['lbdl_prefill']:,.0f} | {r['hf_prefill']:,.0f} | "
               f"{r['lbdl_decode']:,.1f} | {r['hf_decode']:,.1f} | {r['speedup']:.2f}x | "
-              f"{'yes' if r['same_tokens'] else 'no'} |")
+              f"{r['ceiling']:,.1f} | {r['ceiling'] / r['hf_decode']:.2f}x | {'yes' if r['same_tokens'] else 'no'} |")
     if ppl_rows:
         print(f"\nPerplexity evaluation: llama.cpp convention, batch 8; median of {args.repeats} runs, "
               f"tokens evaluated per second\n")
