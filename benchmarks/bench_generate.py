@@ -109,8 +109,10 @@ def hf_generate(model, prompt, new_tokens, device):
 
 def matvec_ceiling(model, repeats=30):
     """Tokens/s of a decode step that did nothing but multiply one vector by each weight matrix
-    (torch's kernels, the weights as lbdl lays them out): the bound for any implementation built
-    on those kernels when a step must read every weight once, as batch-1 decoding does."""
+    (the kernels lbdl's decoding picks, the weights as lbdl lays them out): the bound for any
+    implementation built on those kernels when a step must read every weight once, as batch-1
+    decoding does."""
+    from lbdl_cli.model import linear
     from lbdl_cli.sample.decode import _single_row_gemv
 
     mats = []
@@ -123,7 +125,7 @@ def matvec_ceiling(model, repeats=30):
     with torch.inference_mode(), _single_row_gemv(model, 1):
         def step():
             for w in mats:
-                F.linear(xs[w.shape[1]], w)
+                linear(xs[w.shape[1]], w)
             if w.device.type == "cuda":
                 torch.cuda.synchronize()
         step()

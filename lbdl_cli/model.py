@@ -139,6 +139,50 @@ def apply_rope(x, cos, sin):  # x (B, H, T, D); cos, sin (T, D)
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+# --- linear layers -----------------------------------------------------------------
+
+
+def linear(x, weight, bias=None):
+    """F.linear, except float32 inference on a CPU with a row-major weight: that runs through
+    oneDNN's linear (torch.ops.mkldnn._linear_pointwise, the kernel torch.compile's CPU
+    freezing picks), which multiplies large matrices up to 2x faster than the MKL product
+    F.linear calls, from one row (decoding) to prompt-sized blocks. A column-major weight
+    (sample.inference_layout's choice for small matrices), gradients or autocast on, other
+    dtypes or devices, a packed (quantized) weight, or a torch without oneDNN: F.linear."""
+    if (x.dtype == torch.float32 and type(weight) in _PLAIN and not torch.is_grad_enabled()
+            and x.device.type == "cpu" and weight.dtype == torch.float32 and weight.is_contiguous()
+            and x.is_contiguous() and not torch.is_autocast_enabled("cpu") and _onednn_fp32()):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+_PLAIN = (torch.Tensor, nn.Parameter)
+_ONEDNN: list[bool] = []
+
+
+def _onednn_fp32() -> bool:
+    """Whether this torch has oneDNN's linear and it agrees with F.linear (probed once)."""
+    if not _ONEDNN:
+        ok = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        if ok:
+            try:
+                g = torch.Generator().manual_seed(0)  # not the global RNG: a training run's dropout draws from it
+                x, w, b = (torch.randn(shape, generator=g) for shape in ((3, 8), (5, 8), (5,)))
+                ok = torch.allclose(torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], ""),
+                                    F.linear(x, w, b), atol=1e-5)
+            except RuntimeError:
+                ok = False
+        _ONEDNN.append(ok)
+    return _ONEDNN[0]
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose inference runs `linear` (the model's projections)."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
+
+
 # --- attention and its KV cache -------------------------------------------------
 
 
@@ -172,10 +216,10 @@ class CausalSelfAttention(nn.Module):
         self.layer = layer
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         kv_dim = cfg.n_kv_head * cfg.head_dim
-        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.k_proj = nn.Linear(cfg.n_embd, kv_dim, bias=cfg.bias)
-        self.v_proj = nn.Linear(cfg.n_embd, kv_dim, bias=cfg.bias)
-        self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.q_proj = Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.k_proj = Linear(cfg.n_embd, kv_dim, bias=cfg.bias)
+        self.v_proj = Linear(cfg.n_embd, kv_dim, bias=cfg.bias)
+        self.o_proj = Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.qkv_sizes = (cfg.n_embd, kv_dim, kv_dim)
@@ -185,11 +229,11 @@ class CausalSelfAttention(nn.Module):
         """(weight, bias) of q, k and v stacked: one matrix multiply per decoded token instead of three.
 
         Built on first use and rebuilt whenever a projection's tensors change (a new
-        tensor or an in-place update); None when a projection is not a plain nn.Linear
+        tensor or an in-place update); None when a projection is not a plain Linear
         (an adapter or a quantized layer), which then runs as it is.
         """
         projs = (self.q_proj, self.k_proj, self.v_proj)
-        if any(type(p) is not nn.Linear for p in projs):
+        if any(type(p) is not Linear for p in projs):
             return None
         try:
             key = tuple((t.data_ptr(), t._version) for p in projs for t in (p.weight, p.bias) if t is not None)
@@ -210,7 +254,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         fused = cache.qkv[self.layer] if cache is not None and not self.training else None
         if fused is not None:  # generation: one matrix multiply
-            q, k, v = F.linear(x, *fused).split(self.qkv_sizes, dim=-1)
+            q, k, v = linear(x, *fused).split(self.qkv_sizes, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -245,9 +289,9 @@ class MLP(nn.Module):
         super().__init__()
         self.swiglu = cfg.mlp == "swiglu"
         if self.swiglu:
-            self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
-        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.bias)
+            self.gate_proj = Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
+        self.up_proj = Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):  # (B, T, C)
@@ -288,7 +332,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm_f = make_norm(cfg)
         # with tied embeddings the head is tok_emb.weight itself: no extra tensor
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.reset_rope()
         if self.tok_emb.weight.device.type != "meta":
             self.apply(self._init_weights)
@@ -348,7 +392,7 @@ class GPT(nn.Module):
             x = x[:, -logits_to_keep:]  # (B, logits_to_keep, C)
         x = self.norm_f(x)
         head = self.lm_head.weight if self.lm_head is not None else self.tok_emb.weight
-        logits = F.linear(x, head)  # (B, T, V)
+        logits = linear(x, head)  # (B, T, V)
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)

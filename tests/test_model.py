@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lbdl_cli.checkpoint import load_preset, preset_names
 from lbdl_cli.errors import ConfigError
@@ -196,3 +197,40 @@ def test_every_preset_builds():
     for name in preset_names():
         cfg, description = load_preset(name)
         assert description and count_params(cfg) > 0
+
+
+def test_linear_runs_float32_inference_through_onednn_and_everything_else_through_f_linear(monkeypatch):
+    from lbdl_cli import model as model_module
+    from lbdl_cli.model import linear
+
+    if not model_module._onednn_fp32():
+        pytest.skip("this torch has no oneDNN linear")
+    calls = []
+    onednn = torch.ops.mkldnn._linear_pointwise
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(torch.ops.mkldnn, name)
+
+        def _linear_pointwise(self, *args):
+            calls.append(args[0].shape)
+            return onednn(*args)
+
+    monkeypatch.setattr(torch.ops, "mkldnn", Spy())
+    w, b = torch.randn(48, 32, requires_grad=True), torch.randn(48, requires_grad=True)
+    for x in (torch.randn(1, 32), torch.randn(3, 7, 32)):
+        with torch.no_grad():
+            torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(linear(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5)
+    assert calls == [(1, 32), (1, 32), (3, 7, 32), (3, 7, 32)]
+    x = torch.randn(2, 32)
+    y = linear(x, w, b)  # gradients on: F.linear, differentiable
+    y.sum().backward()
+    assert w.grad is not None
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert linear(x, w, b).dtype == torch.bfloat16  # autocast keeps its say
+        linear(x.bfloat16(), w.bfloat16())  # other dtypes
+        linear(x, w.t().contiguous().t())  # a column-major weight
+        linear(torch.randn(32, 2).t(), w)  # a non-contiguous input
+    assert len(calls) == 4

@@ -338,9 +338,11 @@ def test_fused_qkv_follows_in_place_weight_changes():
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_inference_layout_keeps_values_outputs_and_saving(family, tmp_path):
+def test_inference_layout_keeps_values_outputs_and_saving(family, tmp_path, monkeypatch):
+    from lbdl_cli import model as model_module
     from lbdl_cli.checkpoint import load_model
 
+    monkeypatch.setattr(model_module, "_ONEDNN", [False])  # a torch without oneDNN: F.linear's MKL product
     model = tiny_model(family=family)
     x = torch.randint(0, 97, (2, 20))
     with torch.no_grad():
@@ -356,6 +358,23 @@ def test_inference_layout_keeps_values_outputs_and_saving(family, tmp_path):
     reloaded, _ = load_model(tmp_path / "m")
     for k, v in reloaded.state_dict().items():
         assert torch.equal(v, state[k])
+
+
+def test_inference_layout_leaves_large_matrices_row_major_for_onednn():
+    from lbdl_cli import model as model_module
+    from lbdl_cli.model import GPT, ModelConfig
+
+    if not model_module._onednn_fp32():
+        pytest.skip("this torch has no oneDNN linear")
+    model = GPT(ModelConfig(vocab_size=97, block_size=16, n_layer=1, n_head=4, n_embd=512)).eval()
+    prompt = [4, 8, 15, 16, 23]
+    expected = stepwise_argmax(model, prompt, 6)
+    inference_layout(model)
+    attn = model.blocks[0].attn
+    assert attn.q_proj.weight.is_contiguous() and model.blocks[0].mlp.up_proj.weight.is_contiguous()  # 1 MiB+
+    assert not model.tok_emb.weight.is_contiguous()  # 97 x 512: small, column-major for MKL
+    [out] = generate(model, None, [prompt], greedy(max_new_tokens=6))
+    assert out.token_ids == expected
 
 
 def test_bfloat16_decoding_restores_the_onednn_setting():
