@@ -148,10 +148,12 @@ def linear(x, weight, bias=None):
     freezing picks), which multiplies large matrices up to 2x faster than the MKL product
     F.linear calls, from one row (decoding) to prompt-sized blocks. A column-major weight
     (sample.inference_layout's choice for small matrices), gradients or autocast on, other
-    dtypes or devices, a packed (quantized) weight, or a torch without oneDNN: F.linear."""
+    dtypes or devices, a packed (quantized) weight, under torch.compile (which picks its own
+    kernels), or a torch without oneDNN: F.linear."""
     if (x.dtype == torch.float32 and type(weight) in _PLAIN and not torch.is_grad_enabled()
             and x.device.type == "cpu" and weight.dtype == torch.float32 and weight.is_contiguous()
-            and x.is_contiguous() and not torch.is_autocast_enabled("cpu") and _onednn_fp32()):
+            and x.is_contiguous() and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling() and _onednn_fp32()):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 

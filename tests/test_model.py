@@ -234,3 +234,14 @@ def test_linear_runs_float32_inference_through_onednn_and_everything_else_throug
         linear(x, w.t().contiguous().t())  # a column-major weight
         linear(torch.randn(32, 2).t(), w)  # a non-contiguous input
     assert len(calls) == 4
+
+
+def test_compiled_float32_inference_matches_eager():
+    """torch.compile traces `linear` too (a compiled training run evaluates under no_grad):
+    it must hand the product to the compiler, not to the oneDNN op the compiler cannot lower."""
+    model = tiny_model()
+    x = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model)(x)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
