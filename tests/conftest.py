@@ -28,19 +28,21 @@ class CliResult:
         return json.loads(self.out.strip().splitlines()[-1])
 
 
+def run_lbdl(args, capsys) -> CliResult:
+    """Run `lbdl ARGS...` in-process; exit code, stdout and stderr."""
+    from lbdl_cli.cli import main
+
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    captured = capsys.readouterr()
+    return CliResult(code, captured.out, captured.err)
+
+
 @pytest.fixture
 def cli(capsys):
     """Run `lbdl ARGS...` in-process; returns exit code, stdout and stderr."""
-    from lbdl_cli.cli import main
-
-    def run(*args):
-        capsys.readouterr()
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        captured = capsys.readouterr()
-        return CliResult(code, captured.out, captured.err)
-
-    return run
+    return lambda *args: run_lbdl(args, capsys)

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lbdl_cli.cli import main
+from conftest import run_lbdl
 from lbdl_cli.data import (PrepareConfig, check_tokenizer, iter_documents, load_shards, prepare, read_meta,
                            token_dtype)
 from lbdl_cli.errors import ConfigError, DataError
@@ -237,13 +237,8 @@ def test_uint32_shards_load(tmp_path):
 
 
 def run_cli(argv, capsys):
-    code = 0
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
+    r = run_lbdl(argv, capsys)
+    return r.code, r.out, r.err
 
 
 def test_cli_prepare_and_info(corpus, tok_dir, tmp_path, capsys):

@@ -14,7 +14,7 @@ import sentencepiece as spm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lbdl_cli.cli import main
+from conftest import run_lbdl
 from lbdl_cli.errors import ConfigError, DataError, LbdlError
 from tokenizer import Tokenizer, TrainConfig, file_hash, train
 from tokenizer import core as tok_core
@@ -418,13 +418,8 @@ def test_config_validation():
 def run_cli(argv, capsys, stdin: bytes | None = None, monkeypatch=None):
     if stdin is not None:
         monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8"))
-    code = 0
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
+    r = run_lbdl(argv, capsys)
+    return r.code, r.out, r.err
 
 
 def test_cli_train_encode_decode_inspect(corpus, tmp_path, capsys, monkeypatch):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from ..data import INVALID_UTF8_CHOICES, SPLIT_CHOICES, PrepareConfig
-from .output import FORCE_OPTION, JSON_OPTION, console, emit, human_bytes, human_count, kv_table, progress
+from .output import FORCE_OPTION, JSON_OPTION, console, emit, esc, human_bytes, human_count, kv_table, progress
 
 DEFAULTS = PrepareConfig()
 app = typer.Typer(help="Prepare corpora: tokenize text into train/val token shards.", no_args_is_help=True)
@@ -13,12 +13,6 @@ app = typer.Typer(help="Prepare corpora: tokenize text into train/val token shar
 
 def register(root: typer.Typer) -> None:
     root.add_typer(app, name="data")
-
-
-def _esc(text) -> str:
-    from rich.markup import escape
-
-    return escape(str(text))
 
 
 def _rows(meta: dict) -> dict:
@@ -64,9 +58,9 @@ def prepare(
 
     def render():
         total = result["train_tokens"] + result["val_tokens"]
-        console.print(f"wrote {_esc(result['out'])}: {total:,} tokens in {result['seconds']:.1f} s "
+        console.print(f"wrote {esc(result['out'])}: {total:,} tokens in {result['seconds']:.1f} s "
                       f"({total / max(result['seconds'], 1e-9) / 1e6:.2f}M tokens/s)")
-        console.print(kv_table({k: _esc(v) for k, v in _rows(result).items()}))
+        console.print(kv_table({k: esc(v) for k, v in _rows(result).items()}))
 
     emit(result, as_json, render)
 
@@ -83,7 +77,7 @@ def info(
     result = {"path": shards, **meta}
 
     def render():
-        console.print(f"[bold]{_esc(shards)}[/bold]  (format_version {meta['format_version']})")
-        console.print(kv_table({k: _esc(v) for k, v in _rows(meta).items()}))
+        console.print(f"[bold]{esc(shards)}[/bold]  (format_version {meta['format_version']})")
+        console.print(kv_table({k: esc(v) for k, v in _rows(meta).items()}))
 
     emit(result, as_json, render)

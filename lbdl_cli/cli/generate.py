@@ -34,18 +34,12 @@ def _unescape(text: str) -> str:
 
 
 def _read_prompt(source: str, what: str) -> str:
-    from ..errors import ConfigError
-
     if source == "-":
         return sys.stdin.read()
     if what == "file":
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"prompt file {path} does not exist" if not path.exists() else f"{path} is not a file")
-        try:
-            return path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"prompt file {path} is not UTF-8 text (byte {e.start})") from None
+        from ..evaluate import read_text
+
+        return read_text(source)
     return source
 
 

@@ -34,6 +34,13 @@ def emit(result: dict, as_json: bool, render: Callable[[], None]) -> None:
         render()
 
 
+def esc(text) -> str:
+    """Text shown inside rich markup, its brackets escaped."""
+    from rich.markup import escape
+
+    return escape(str(text))
+
+
 def note(message: str) -> None:
     """A side remark for a person (stderr, so that stdout stays parseable)."""
     err_console.print(message)

@@ -10,7 +10,7 @@ import typer
 from tokenizer.config import INVALID_UTF8_CHOICES, TrainConfig
 
 from ..errors import DataError
-from .output import FORCE_OPTION, JSON_OPTION, console, emit, human_bytes, kv_table, progress
+from .output import FORCE_OPTION, JSON_OPTION, console, emit, esc, human_bytes, kv_table, progress
 
 DEFAULTS = TrainConfig()
 app = typer.Typer(help="Train and use BPE tokenizers (sentencepiece, exact round trips).", no_args_is_help=True)
@@ -18,12 +18,6 @@ app = typer.Typer(help="Train and use BPE tokenizers (sentencepiece, exact round
 
 def register(root: typer.Typer) -> None:
     root.add_typer(app, name="tokenizer")
-
-
-def _esc(text) -> str:
-    from rich.markup import escape
-
-    return escape(str(text))
 
 
 def _read_arg(value: str, what: str) -> str:
@@ -90,7 +84,7 @@ def train(
 
         c = r["compression"]
         n_files = len(r["files"])
-        console.print(f"trained {_esc(out)}/tokenizer.model: vocabulary {r['vocab_size']:,} in {r['seconds']:.1f} s "
+        console.print(f"trained {esc(out)}/tokenizer.model: vocabulary {r['vocab_size']:,} in {r['seconds']:.1f} s "
                       f"(sentencepiece {r['sentencepiece_seconds']:.1f} s)")
         rows = {
             "corpus": f"{n_files} file{'s' if n_files != 1 else ''}, {human_bytes(r['bytes'])}, "
@@ -104,7 +98,7 @@ def train(
         }
         if r["invalid_utf8_lines"]:
             rows["invalid UTF-8"] = f"{r['invalid_utf8_lines']} lines ({r['config']['invalid_utf8']})"
-        console.print(kv_table({k: _esc(v) for k, v in rows.items()}))
+        console.print(kv_table({k: esc(v) for k, v in rows.items()}))
 
     emit(result, as_json, render)
 
@@ -214,7 +208,7 @@ def inspect(
         result["text"] = stats
 
     def render():
-        console.print(f"[bold]{_esc(tok.path)}[/bold]  sha256 {tok.sha256[:16]}")
+        console.print(f"[bold]{esc(tok.path)}[/bold]  sha256 {tok.sha256[:16]}")
         rows = {
             "vocabulary": f"{n:,} ({', '.join(f'{v:,} {k}' for k, v in kinds.items())})",
             "special tokens": " ".join(f"{k}={v}" for k, v in tok.special_tokens.items()),
@@ -234,6 +228,6 @@ def inspect(
                                               f"({s['tokens']:,} tokens for {s['chars']:,} chars)")
             rows["round trip"] = "exact" if s["round_trip"] else "NOT exact"
             rows["byte-fallback tokens"] = f"{s['byte_tokens']:,} ({s['byte_tokens'] / max(1, s['tokens']):.2%})"
-        console.print(kv_table({k: _esc(v) for k, v in rows.items()}))
+        console.print(kv_table({k: esc(v) for k, v in rows.items()}))
 
     emit(result, as_json, render)
