@@ -199,30 +199,66 @@ def test_every_preset_builds():
         assert description and count_params(cfg) > 0
 
 
-def test_linear_runs_float32_inference_through_onednn_and_everything_else_through_f_linear(monkeypatch):
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("parts", [2, 3, 4])
+def test_split_gemv_equals_f_linear(parts, bias):
+    from lbdl_cli.model import split_gemv
+
+    w = torch.randn(96, 8).t().contiguous().t()  # (96, 8) column-major
+    b = torch.randn(96) if bias else None
+    storage = torch.randn(20)
+    for x in (torch.randn(1, 1, 8), torch.randn(1, 8), torch.randn(8), storage[5:13]):  # the last one at an offset
+        torch.testing.assert_close(split_gemv(x, w, b, parts), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+
+
+def test_linear_routes_float32_inference_by_rows_size_and_layout(monkeypatch):
     from lbdl_cli import model as model_module
-    from lbdl_cli.model import linear
+    from lbdl_cli.model import LARGE_MATRIX, linear
 
     if not model_module._onednn_fp32():
         pytest.skip("this torch has no oneDNN linear")
     calls = []
-    onednn = torch.ops.mkldnn._linear_pointwise
+    onednn, split = torch.ops.mkldnn._linear_pointwise, model_module.split_gemv
 
     class Spy:
         def __getattr__(self, name):
             return getattr(torch.ops.mkldnn, name)
 
         def _linear_pointwise(self, *args):
-            calls.append(args[0].shape)
+            calls.append("onednn")
             return onednn(*args)
 
+    def spy_split(*args):
+        calls.append("split")
+        return split(*args)
+
     monkeypatch.setattr(torch.ops, "mkldnn", Spy())
+    monkeypatch.setattr(model_module, "split_gemv", spy_split)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        small = torch.randn(48, 32)
+        large = torch.randn(LARGE_MATRIX // 256, 256)  # 1 MiB
+        routes = {}
+        for name, w in (("small row", small), ("small column", small.t().contiguous().t()),
+                        ("large row", large), ("large column", large.t().contiguous().t())):
+            b = torch.randn(w.shape[0])
+            for rows, x in (("one", torch.randn(1, 1, w.shape[1])), ("several", torch.randn(3, 7, w.shape[1]))):
+                calls.clear()
+                with torch.no_grad():
+                    torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), atol=1e-4, rtol=1e-4)
+                    torch.testing.assert_close(linear(x, w), F.linear(x, w), atol=1e-4, rtol=1e-4)
+                routes[name, rows] = calls[0] if calls and calls[0] == calls[-1] else calls or "F.linear"
+    finally:
+        torch.set_num_threads(threads)
+    assert routes == {
+        ("small row", "one"): "F.linear", ("small row", "several"): "onednn",
+        ("small column", "one"): "F.linear", ("small column", "several"): "F.linear",
+        ("large row", "one"): "onednn", ("large row", "several"): "onednn",
+        ("large column", "one"): "split", ("large column", "several"): "onednn",
+    }
+    calls.clear()
     w, b = torch.randn(48, 32, requires_grad=True), torch.randn(48, requires_grad=True)
-    for x in (torch.randn(1, 32), torch.randn(3, 7, 32)):
-        with torch.no_grad():
-            torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(linear(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5)
-    assert calls == [(1, 32), (1, 32), (3, 7, 32), (3, 7, 32)]
     x = torch.randn(2, 32)
     y = linear(x, w, b)  # gradients on: F.linear, differentiable
     y.sum().backward()
@@ -231,9 +267,9 @@ def test_linear_runs_float32_inference_through_onednn_and_everything_else_throug
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert linear(x, w, b).dtype == torch.bfloat16  # autocast keeps its say
         linear(x.bfloat16(), w.bfloat16())  # other dtypes
-        linear(x, w.t().contiguous().t())  # a column-major weight
         linear(torch.randn(32, 2).t(), w)  # a non-contiguous input
-    assert len(calls) == 4
+        linear(torch.randn(1, large.shape[0]), large[:, :128].t())  # a strided weight, neither layout
+    assert calls == []
 
 
 def test_compiled_float32_inference_matches_eager():

@@ -20,10 +20,11 @@ text)` as it is decoded, and through the returned `Generation`s.
 
 Speed on a CPU, where a small model's decoding is bound by reading its weights
 once per token: q, k and v are one matrix multiply (model.py), the KV cache is
-float32 and sized for the prompt plus max_new_tokens, float32 products run through
-oneDNN's linear (`model.linear`; column-major weights for MKL where torch lacks it,
-`loading.inference_layout`), and a single bfloat16 sequence decodes with torch's own
-matrix-vector kernels instead of oneDNN's (`decode._single_row_gemv`).
+float32 and sized for the prompt plus max_new_tokens, each float32 product runs
+through the kernel that is fastest for its matrix's shape and layout (`model.linear`,
+`loading.inference_layout`: MKL, a product split over threads, or oneDNN's linear),
+and a single bfloat16 sequence decodes with torch's own matrix-vector kernels instead
+of oneDNN's (`decode._single_row_gemv`).
 """
 
 from .decode import Generation, NoticeCallback, generate, summarize
