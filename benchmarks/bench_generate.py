@@ -16,9 +16,12 @@ sides prefill = start -> first new token, decode = first -> last new token
 transformers loop (forward the windows, cross-entropy on the second half) on
 the same windows, batch 8. "matvec ceiling": the tokens/s of a step that only
 multiplies one vector by each weight matrix (torch's kernels), the bound for
-anything built on them when every weight must be read once per token. The
-lbdl and transformers runs alternate within each repeat; every cell is the
-median of --repeats runs, after one warm-up each.
+anything built on them when every weight must be read once per token. "memory
+bound": the tokens/s of a step that only read every weight and the mean KV
+cache once, at the speed torch sums a 256 MiB tensor in the same run: what no
+implementation can beat on this machine. The lbdl and transformers runs
+alternate within each repeat; every cell is the median of --repeats runs,
+after one warm-up each.
 Needs the `bench` extra (transformers).
 """
 
@@ -137,6 +140,32 @@ def matvec_ceiling(model, repeats=30):
     return 1 / median(times)
 
 
+def read_bandwidth(device, repeats=9) -> float:
+    """Bytes/s at which torch reads a 256 MiB float32 tensor (a sum) with the threads it has:
+    the memory speed of this machine in this run."""
+    x = torch.ones(1 << 26, device=device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        float(x.sum())
+        times.append(time.perf_counter() - t0)
+    return x.numel() * 4 / median(times)
+
+
+def bandwidth_bound(model, bandwidth, prompt_tokens, new_tokens) -> float:
+    """Tokens/s of a decode step that read every weight matrix and the mean KV cache once at
+    `bandwidth` and did nothing else: what no implementation can beat on this machine."""
+    cfg = model.config
+    matrices = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if model.lm_head is None:
+        matrices.append(model.tok_emb.weight)
+    weights = sum(w.numel() * w.element_size() for w in matrices)
+    cache_len = prompt_tokens + new_tokens / 2
+    w = model.tok_emb.weight
+    kv = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * cache_len * (4 if w.device.type == "cpu" else w.element_size())
+    return bandwidth / (weights + kv)
+
+
 def lbdl_perplexity(model, ids, ctx, batch):
     from lbdl_cli.evaluate import perplexity
 
@@ -224,9 +253,10 @@ def main(argv=None):
                     row[f"{side}_decode"] = median([x[1] for x in runs[side]])
                 row["speedup"] = row["lbdl_decode"] / row["hf_decode"]
                 row["ceiling"] = matvec_ceiling(ours)
+                row["bound"] = bandwidth_bound(ours, read_bandwidth(device), args.prompt_tokens, args.new_tokens)
                 gen_rows.append(row)
                 print(f"  {row['model']} {dtype_name}: decode lbdl {row['lbdl_decode']:.1f} vs hf {row['hf_decode']:.1f} "
-                      f"tok/s ({row['speedup']:.2f}x; matvec ceiling {row['ceiling']:.1f}), prefill lbdl "
+                      f"tok/s ({row['speedup']:.2f}x; matvec ceiling {row['ceiling']:.1f}, memory bound {row['bound']:.1f}), prefill lbdl "
                       f"{row['lbdl_prefill']:.0f} vs hf {row['hf_prefill']:.0f} tok/s, same tokens: {same}", flush=True)
                 if not args.skip_perplexity:
                     ctx = min(args.ppl_ctx, SHAPES[name]["n_positions"])
@@ -250,12 +280,13 @@ def main(argv=None):
     print(f"Generation: batch 1, greedy, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens; "
           f"median of {args.repeats} runs, tokens/s\n")
     print("| model | dtype | lbdl prefill | HF prefill | lbdl decode | HF decode | decode speed-up | "
-          "matvec ceiling | ceiling / HF | same tokens |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+          "matvec ceiling | ceiling / HF | memory bound | bound / HF | same tokens |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in gen_rows:
         print(f"| {r['model']} | {r['dtype']} | {r['lbdl_prefill']:,.0f} | {r['hf_prefill']:,.0f} | "
               f"{r['lbdl_decode']:,.1f} | {r['hf_decode']:,.1f} | {r['speedup']:.2f}x | "
-              f"{r['ceiling']:,.1f} | {r['ceiling'] / r['hf_decode']:.2f}x | {'yes' if r['same_tokens'] else 'no'} |")
+              f"{r['ceiling']:,.1f} | {r['ceiling'] / r['hf_decode']:.2f}x | {r['bound']:,.1f} | "
+              f"{r['bound'] / r['hf_decode']:.2f}x | {'yes' if r['same_tokens'] else 'no'} |")
     if ppl_rows:
         print(f"\nPerplexity evaluation: llama.cpp convention, batch 8; median of {args.repeats} runs, "
               f"tokens evaluated per second\n")

@@ -204,8 +204,8 @@ def test_every_preset_builds():
 def test_split_gemv_equals_f_linear(parts, bias):
     from lbdl_cli.model import split_gemv
 
-    w = torch.randn(96, 8).t().contiguous().t()  # (96, 8) column-major
-    b = torch.randn(96) if bias else None
+    w = torch.randn(97, 8).t().contiguous().t()  # (97, 8) column-major: outputs left over for 2, 3 and 4 parts
+    b = torch.randn(97) if bias else None
     storage = torch.randn(20)
     for x in (torch.randn(1, 1, 8), torch.randn(1, 8), torch.randn(8), storage[5:13]):  # the last one at an offset
         torch.testing.assert_close(split_gemv(x, w, b, parts), F.linear(x, w, b), atol=1e-5, rtol=1e-5)

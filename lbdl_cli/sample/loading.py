@@ -74,8 +74,8 @@ def inference_layout(model):
     at least as many outputs as inputs (`model.split_gemv`, a slice per thread); row-major for
     larger ones with fewer outputs than inputs (an MLP's down projection: oneDNN's linear). See
     `model.linear`. Measured on whole decodes (2-core AVX-512 EPYC): the first rule made micro
-    40% faster than oneDNN everywhere, the second a 27.6M model's steps 1.05-1.15x faster than
-    oneDNN for every large matrix. The rule depends on shapes only, so a model computes the
+    40% faster than oneDNN everywhere; the second made a 27.6M model's steps 1.01-1.15x faster
+    than oneDNN for every large matrix (four runs, the two alternating in one process). The rule depends on shapes only, so a model computes the
     same numbers on every run. Without oneDNN every matrix goes column-major; bfloat16 and GPU
     weights are left as they are. Returns the model."""
     import torch
