@@ -162,7 +162,8 @@ def bandwidth_bound(model, bandwidth, prompt_tokens, new_tokens) -> float:
     weights = sum(w.numel() * w.element_size() for w in matrices)
     cache_len = prompt_tokens + new_tokens / 2
     w = model.tok_emb.weight
-    kv = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * cache_len * (4 if w.device.type == "cpu" else w.element_size())
+    kv_bytes = 4 if w.device.type == "cpu" else w.element_size()  # GPT.new_cache: float32 on CPUs
+    kv = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * cache_len * kv_bytes
     return bandwidth / (weights + kv)
 
 
