@@ -18,6 +18,31 @@ def tiny_model(seed: int = 0, **overrides) -> GPT:
     return GPT(ModelConfig(**{**base, **overrides})).eval()
 
 
+def imported_hf_model(arch: str, tmp_path, noise: float):
+    """(transformers model, the same weights imported into lbdl): a random Hugging Face GPT-2 or
+    Llama (GQA) of vocabulary 113 and context 64, its weights shaken by `noise` so that its
+    predictions are not flat, saved with save_pretrained and loaded back through `lbdl import`."""
+    transformers = pytest.importorskip("transformers")
+    from lbdl_cli.checkpoint import load_model
+    from lbdl_cli.checkpoint.hf import import_hf
+
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=113, n_positions=64, n_embd=48,
+                                                                  n_layer=2, n_head=4))
+    else:
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=113, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64))
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * noise)
+    hf.eval().save_pretrained(tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "lbdl")
+    model, _ = load_model(tmp_path / "lbdl")
+    return hf, model
+
+
 class CliResult:
     def __init__(self, code, out, err):
         self.code, self.out, self.err = code, out, err

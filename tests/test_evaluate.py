@@ -15,7 +15,7 @@ from lbdl_cli.evaluate import (
 )
 from lbdl_cli.sample import SamplingConfig, generate, load_for_inference
 
-from conftest import tiny_model
+from conftest import imported_hf_model, tiny_model
 from test_sample import ROOT, ScriptedLM, model_dir, tok, tok_dir  # noqa: F401  (shared fixtures)
 
 
@@ -108,24 +108,7 @@ def test_perplexity_equals_the_direct_loop_for_any_batch_size(family, stride):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_perplexity_of_an_imported_model_equals_transformers_on_the_same_windows(arch, tmp_path):
-    transformers = pytest.importorskip("transformers")
-    from lbdl_cli.checkpoint import load_model
-    from lbdl_cli.checkpoint.hf import import_hf
-
-    torch.manual_seed(0)
-    if arch == "gpt2":
-        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=113, n_positions=64, n_embd=48,
-                                                                  n_layer=2, n_head=4))
-    else:
-        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            vocab_size=113, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64))
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    hf.eval().save_pretrained(tmp_path / "hf")
-    import_hf(tmp_path / "hf", tmp_path / "lbdl")
-    model, _ = load_model(tmp_path / "lbdl")
+    hf, model = imported_hf_model(arch, tmp_path, noise=0.1)
     ids = torch.randint(0, 113, (500,), generator=torch.Generator().manual_seed(2)).tolist()
     for stride in (None, 24):
         theirs = ppl_of(direct_nlls(lambda x: hf(x).logits, ids, 64, stride))

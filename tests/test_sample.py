@@ -15,7 +15,7 @@ from lbdl_cli.sample import (
     inference_layout, load_for_inference, next_tokens,
 )
 
-from conftest import tiny_model
+from conftest import imported_hf_model, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SEP = "<|sep|>"
@@ -408,24 +408,7 @@ def test_cuda_greedy_equals_cpu_greedy_first_tokens(dtype):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_greedy_tokens_equal_transformers_generate(arch, tmp_path):
-    transformers = pytest.importorskip("transformers")
-    from lbdl_cli.checkpoint import load_model
-    from lbdl_cli.checkpoint.hf import import_hf
-
-    torch.manual_seed(0)
-    if arch == "gpt2":
-        cfg = transformers.GPT2Config(vocab_size=113, n_positions=64, n_embd=48, n_layer=2, n_head=4)
-        hf = transformers.GPT2LMHeadModel(cfg)
-    else:
-        cfg = transformers.LlamaConfig(vocab_size=113, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-        hf = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    hf.eval().save_pretrained(tmp_path / "hf")
-    import_hf(tmp_path / "hf", tmp_path / "lbdl")
-    model, _ = load_model(tmp_path / "lbdl")
+    hf, model = imported_hf_model(arch, tmp_path, noise=0.2)
     inference_layout(model)  # as load_for_inference (the CLI) lays it out
     prompt = [5, 17, 3, 42, 8, 99]
     [ours] = generate(model, None, [prompt], greedy(max_new_tokens=30))
