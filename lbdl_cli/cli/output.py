@@ -70,8 +70,54 @@ def human_bytes(n: float) -> str:
 
 
 @contextlib.contextmanager
+def progress_view(quiet: bool = False):
+    """Yield the CLI's listener for the library's progress protocol (lbdl_cli.progress.Event).
+
+    On a terminal: one rich bar per stage (done/total in the stage's unit, elapsed, ETA when the
+    total is known, the status text), messages printed above the bars. In a pipe or with `quiet`
+    (--json): nothing but warnings, which always reach stderr."""
+    from ..progress import Event
+
+    live = not quiet and err_console.is_terminal
+    if not live:
+        def listen(event: Event) -> None:
+            if event.message and event.level == "warning":
+                err_console.print(f"[yellow]warning:[/yellow] {esc(event.message)}", soft_wrap=True)
+
+        yield listen
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[count]}"),
+               TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}")]
+    tasks: dict[str, int] = {}
+    with Progress(*columns, console=err_console, transient=False) as bar:
+        def listen(event: Event) -> None:
+            if event.message:
+                style = "[yellow]warning:[/yellow] " if event.level == "warning" else ""
+                bar.console.print(style + esc(event.message), soft_wrap=True)
+            if not event.done and event.total is None and not event.status and event.message:
+                return  # a message alone draws no bar
+            if event.stage not in tasks:
+                tasks[event.stage] = bar.add_task(event.stage, total=event.total, count="", status="")
+            bar.update(tasks[event.stage], completed=event.done, total=event.total,
+                       count=_count(event.done, event.total, event.unit), status=esc(event.status))
+
+        yield listen
+
+
+def _count(done: float, total: float | None, unit: str) -> str:
+    """"12.3/45.6 MiB", "120/400 steps", "7 windows": the stage's units, bytes in binary units."""
+    if unit == "bytes":
+        shown = human_bytes(done) + (f"/{human_bytes(total)}" if total else "")
+    else:
+        shown = f"{done:,.0f}" + (f"/{total:,.0f}" if total else "") + (f" {unit}" if unit else "")
+    return shown
+
+
+@contextlib.contextmanager
 def progress(description: str, total: float | None = None, quiet: bool = False):
-    """Yield a callback `update(advance=1, **fields)`; a rich bar on a terminal, silent otherwise."""
+    """OLD callback shape, being replaced by progress_view (delete when no command uses it)."""
     if quiet or not err_console.is_terminal:
         yield lambda advance=1, **fields: None
         return
