@@ -1,4 +1,4 @@
-"""lbdl: train, evaluate, quantize, adapt, merge and sample small language models."""
+"""lbdl: train, evaluate, quantize and sample small language models."""
 
 from importlib.metadata import PackageNotFoundError, version
 

@@ -53,21 +53,31 @@ class CliResult:
         return json.loads(self.out.strip().splitlines()[-1])
 
 
-def run_lbdl(args, capsys) -> CliResult:
-    """Run `lbdl ARGS...` in-process; exit code, stdout and stderr."""
+def run_lbdl(args, capsys, stdin: bytes | str | None = None) -> CliResult:
+    """Run `lbdl ARGS...` in-process, with `stdin` as standard input if given; exit code, stdout and stderr."""
+    import io
+    import sys
+
     from lbdl_cli.cli import main
 
     capsys.readouterr()
+    saved = sys.stdin
+    if stdin is not None:
+        data = stdin.encode("utf-8") if isinstance(stdin, str) else stdin
+        sys.stdin = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8")
     try:
         main([str(a) for a in args])
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.stdin = saved
     captured = capsys.readouterr()
     return CliResult(code, captured.out, captured.err)
 
 
 @pytest.fixture
 def cli(capsys):
-    """Run `lbdl ARGS...` in-process; returns exit code, stdout and stderr."""
-    return lambda *args: run_lbdl(args, capsys)
+    """The one CLI runner of the tests: `cli(*args, stdin=None)` runs `lbdl ARGS...` in-process and returns
+    the exit code, stdout and stderr (and .json(), the last line parsed)."""
+    return lambda *args, stdin=None: run_lbdl(args, capsys, stdin)

@@ -27,7 +27,7 @@ def _version(value: bool):
 def build_app() -> typer.Typer:
     app = typer.Typer(
         name="lbdl",
-        help="Train, evaluate, quantize, adapt, merge and sample small language models.",
+        help="Train, evaluate, quantize and sample small language models.",
         no_args_is_help=True,
         add_completion=False,
         pretty_exceptions_enable=False,
@@ -39,7 +39,7 @@ def build_app() -> typer.Typer:
         version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                      help="Print the version and exit."),
     ):
-        """Train, evaluate, quantize, adapt, merge and sample small language models."""
+        """Train, evaluate, quantize and sample small language models."""
 
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         module = importlib.import_module(f"{__name__}.{info.name}")
