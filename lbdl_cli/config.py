@@ -6,9 +6,6 @@ dict and TOML round trips, unknown keys refused by name.
         batch_size: int = setting(8, "Windows per forward pass.", low=1)
         types: tuple[str, ...] = setting((), "Types to try (default: all).")
 
-        def __post_init__(self):
-            self.check_ranges()
-
     SweepConfig.from_dict({"batch_size": 4})            # types checked, ranges checked
     SweepConfig.from_toml(c.to_toml()) == c               # a pipeline step is a table of one
 
@@ -116,6 +113,10 @@ class Config:
         words = "".join(f" {c.lower()}" if c.isupper() else c for c in name).strip()
         return f"{words} config"
 
+    def __post_init__(self):
+        """The ranges and choices of every field; a subclass with checks of its own calls super().__post_init__()."""
+        self.check_ranges()
+
     def to_dict(self) -> dict:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
@@ -154,7 +155,7 @@ class Config:
         return cls.from_dict(data, where=where)
 
     def check_ranges(self) -> None:
-        """The `low`/`high`/`choices` of every field; call from __post_init__."""
+        """The `low`/`high`/`choices` of every field (Config.__post_init__ calls it)."""
         name = self.config_name()
         for f in dataclasses.fields(self):
             meta, value = f.metadata, getattr(self, f.name)

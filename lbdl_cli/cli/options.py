@@ -30,7 +30,7 @@ def _flag_type(hint):
 def _show(value) -> str:
     if isinstance(value, tuple):
         return ",".join(map(str, value)) if value else "none"
-    return repr(value) if isinstance(value, str) else str(value)
+    return str(value)
 
 
 def config_options(config_cls, skip: tuple = (), defaults: dict | None = None):
@@ -55,12 +55,12 @@ def config_options(config_cls, skip: tuple = (), defaults: dict | None = None):
             help_text = meta.get("help", "")
             if meta.get("choices") and "|" not in help_text:
                 help_text += f" One of: {', '.join(map(str, meta['choices']))}."
-            if kind is not bool and default is not None and default != ():
-                help_text += f" [default: {_show(default)}]"
-            elif kind is bool:
-                help_text += f" [default: {'on' if default else 'off'}]"
             if multiple:
                 help_text += " (repeatable)"
+            if kind is bool:
+                help_text += rf" \[default: {'on' if default else 'off'}]"  # rich markup: \[ is a bracket
+            elif default is not None and default != ():
+                help_text += rf" \[default: {_show(default)}]"
             option = typer.Option(None, *decls, help=help_text, show_default=False)
             annotation = Optional[kind]
             params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
