@@ -42,6 +42,21 @@ def setting(default, help: str, *, low=None, high=None, low_open: bool = False, 
     return dataclasses.field(default=default, metadata=meta)
 
 
+DTYPE_CHOICES = ("auto", "float32", "bfloat16")  # float16 is refused on CPU (hundreds of times slower there)
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def dtype_setting(help: str = "Compute dtype: auto (the stored one, or what is fast on this machine) | float32 | "
+                              "bfloat16."):
+    """The `dtype` field every command that runs a model shares."""
+    return setting("auto", help, choices=DTYPE_CHOICES)
+
+
+def device_setting(help: str = "auto (cuda when torch sees one) | cpu | cuda."):
+    """The `device` field every command that runs a model shares (cuda:N is accepted too)."""
+    return setting("auto", help)
+
+
 def field_types(cls) -> dict[str, object]:
     """The resolved annotation of every field of a config class."""
     return typing.get_type_hints(cls)
