@@ -21,11 +21,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 from .atomic import atomic_dir, check_out
-
+from .config import Config, setting
 from .errors import ConfigError, DataError
+from .progress import Progress, report
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -37,28 +38,23 @@ SPLIT_CHOICES = ("paragraph", "line", "file")
 INVALID_UTF8_CHOICES = ("error", "replace", "skip")
 BATCH_CHARS = 2_000_000  # text encoded per sentencepiece call
 
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
-
 
 @dataclass(frozen=True)
-class PrepareConfig:
-    """How to cut and split a corpus. `lbdl data prepare` takes its defaults from here."""
+class PrepareConfig(Config):
+    """How to cut and split a corpus. `lbdl data prepare` takes its flags and defaults from here."""
 
-    val_fraction: float = 0.1  # share of documents (seeded draw) that go to val.bin
-    seed: int = 1337
-    split_on: str = "paragraph"  # paragraph (blank lines) | line | file: what one document is
-    invalid_utf8: str = "error"  # error | replace (U+FFFD) | skip (drop the line)
-    num_threads: int = 0  # sentencepiece threads; 0 = every core
+    val_fraction: float = setting(0.1, "Share of documents drawn (seeded) for val.bin.", low=0, high=0.5)
+    seed: int = setting(1337, "Seed of the train/val draw.")
+    split_on: str = setting("paragraph", "What one document is: paragraph (ends at blank lines) | line | file.",
+                            choices=SPLIT_CHOICES)
+    invalid_utf8: str = setting("error", "What to do with invalid UTF-8: error | replace (U+FFFD) | skip (drop the "
+                                         "line).", choices=INVALID_UTF8_CHOICES)
+    num_threads: int = setting(0, "sentencepiece threads; 0 = every core.", low=0)
 
     def __post_init__(self):
-        if not 0.0 <= self.val_fraction <= 0.5:
+        if isinstance(self.val_fraction, (int, float)) and not 0.0 <= self.val_fraction <= 0.5:
             raise ConfigError(f"val fraction {self.val_fraction} must be between 0 and 0.5, e.g. 0.1")
-        if self.split_on not in SPLIT_CHOICES:
-            raise ConfigError(f"split_on {self.split_on!r} must be one of {', '.join(SPLIT_CHOICES)}")
-        if self.invalid_utf8 not in INVALID_UTF8_CHOICES:
-            raise ConfigError(f"invalid_utf8 {self.invalid_utf8!r} must be one of {', '.join(INVALID_UTF8_CHOICES)}")
-        if self.num_threads < 0:
-            raise ConfigError(f"num_threads {self.num_threads} must be >= 0 (0 uses every core)")
+        super().__post_init__()
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -133,18 +129,23 @@ def _prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
 # --- prepare -----------------------------------------------------------------------------
 
 
-def prepare(files, tokenizer, out, *, force: bool = False, progress: Progress | None = None, **options) -> dict:
-    """Tokenize text files into `out/{train,val}.bin` + `meta.json` (+ tokenizer.model, and val.txt: the held-out text).
+def prepare(files, tokenizer, out, *, config: PrepareConfig | None = None, force: bool = False,
+            progress: Progress | None = None, **options) -> dict:
+    """Tokenize text files into `out/{train,val}.bin` + `meta.json` (+ tokenizer.model, and val.txt: the held-out
+    text).
 
-    `tokenizer` is a tokenizer directory or tokenizer.model file; `options` are
-    `PrepareConfig` fields. Returns the meta plus `out` and `seconds`.
+    `tokenizer` is a tokenizer directory or tokenizer.model file; the settings are `config`, or a
+    PrepareConfig of `options`. Progress: bytes read ("tokenizing"). Returns the meta plus `out` and `seconds`.
     """
     import numpy as np
 
     from tokenizer import Tokenizer
     from tokenizer.corpus import TextFile, expand_files, total_bytes
 
-    config = PrepareConfig(**options)
+    if config is None:
+        config = PrepareConfig(**options)
+    elif options:
+        raise TypeError("prepare() takes a PrepareConfig or its fields, not both")
     paths = expand_files(files)
     tok = Tokenizer.load(tokenizer, num_threads=config.num_threads)
     if tok.eos_id < 0:
@@ -203,8 +204,7 @@ def prepare(files, tokenizer, out, *, force: bool = False, progress: Progress | 
                     c["documents"] += len(split_docs)
                     c["chars"] += sum(len(d) for d in split_docs)
                     c["bytes"] += sum(len(d.encode("utf-8")) for d in split_docs)
-                if progress is not None:
-                    progress("tokenizing", done, total)
+                report(progress, "tokenizing", done, total, unit="bytes")
         if not has_text:
             where = ", ".join(str(p) for p in paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
             raise DataError(f"the corpus is empty (no text in {where}); pass files with text")
@@ -247,6 +247,12 @@ def prepare(files, tokenizer, out, *, force: bool = False, progress: Progress | 
 
 
 # --- reading shards back -----------------------------------------------------------------
+
+
+def info(dir: str | os.PathLike) -> dict:
+    """`lbdl data info`: a shard directory's meta.json, its shards checked against it (see load_shards)."""
+    _, _, meta = load_shards(dir)
+    return {"path": str(dir), **meta}
 
 
 def read_meta(dir: str | os.PathLike) -> dict:

@@ -9,9 +9,12 @@ every `stride` tokens and each scores only the tokens that no earlier window
 scored (the last window is moved back to end at the last token, keeping its
 full length).
 
-    from lbdl_cli.evaluate import perplexity
+    from lbdl_cli.evaluate import PerplexityConfig, perplexity, perplexity_of_file
     result = perplexity(model, ids, ctx=256)          # any loaded GPT and token ids
     result["perplexity"], result["std_error"], result["tokens"]
+    perplexity_of_file("run/best", "val.txt", PerplexityConfig(ctx=256))   # `lbdl eval perplexity`
+
+Progress is reported as windows ("perplexity") and records ("task") done.
 """
 
 from __future__ import annotations
@@ -21,27 +24,66 @@ import math
 import os
 import re
 import time
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
+from .config import Config, device_setting, dtype_setting, setting
 from .errors import ConfigError, DataError
+from .files import read_text
+from .progress import Progress, report
 from .sample import SamplingConfig, generate, load_for_inference
+from .sample.run import stop_strings
 
 if TYPE_CHECKING:
     import torch
 
-Progress = Callable[[int, int], None]  # (windows or records done, total)
 MAX_LOGITS = 1 << 26  # floats of logits per forward pass (256 MB in float32): caps the rows per batch
+EXTRACT_METHODS = ("auto", "exact", "number", "last-number", "choice", "regex")
+
+
+# --- configs ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PerplexityConfig(Config):
+    """`lbdl eval perplexity`: the windows and how the model runs."""
+
+    ctx: int | None = setting(None, "Window length in tokens (default: the model's context).", low=4)
+    stride: int | None = setting(None, "Sliding windows every S tokens, each scoring its new tokens (default: "
+                                       "llama.cpp's non-overlapping windows, second half scored).", low=1)
+    batch_size: int = setting(8, "Windows per forward pass.", low=1)
+    dtype: str = dtype_setting()
+    device: str = device_setting()
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.stride is not None and self.ctx is not None and self.stride > self.ctx:
+            raise ConfigError(f"stride {self.stride} is larger than ctx {self.ctx}; "
+                              f"use a stride between 1 and {self.ctx}")
+
+
+@dataclass(frozen=True)
+class TaskConfig(Config):
+    """`lbdl eval task`: greedy completions, how an answer is read from them, and how the model runs."""
+
+    extract: str = setting("auto", "How to read the answer from a completion (auto: choice if the record lists "
+                                   "choices, number if the answer is one, else exact).", choices=EXTRACT_METHODS)
+    pattern: str | None = setting(None, "Regular expression for --extract regex (group 1 is the answer).")
+    max_new_tokens: int = setting(32, "Tokens per completion at most.", low=1)
+    stop: tuple[str, ...] = setting(("\\n",), "Stop strings, as typed on a command line (\\n is a line break).")
+    batch_size: int = setting(8, "Prompts per generate() call.", low=1)
+    dtype: str = dtype_setting()
+    device: str = device_setting()
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        """The greedy SamplingConfig of the completions."""
+        return SamplingConfig(temperature=0.0, max_new_tokens=self.max_new_tokens, stop=stop_strings(self.stop))
 
 
 # --- perplexity ------------------------------------------------------------------------------
-
-
-def _int(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
 
 
 def windows(n: int, ctx: int, stride: int | None = None) -> list[tuple[int, int]]:
@@ -60,8 +102,9 @@ def windows(n: int, ctx: int, stride: int | None = None) -> list[tuple[int, int]
         begin += stride
 
 
-def perplexity(model, ids, ctx: int, stride: int | None = None, batch_size: int = 8, n_bytes: int | None = None,
-               progress: Progress | None = None, token_bytes: Sequence[int] | torch.Tensor | None = None) -> dict:
+def perplexity(model, ids, ctx: int, stride: int | None = None, batch_size: int = PerplexityConfig.batch_size,
+               n_bytes: int | None = None, progress: Progress | None = None,
+               token_bytes: Sequence[int] | torch.Tensor | None = None) -> dict:
     """Perplexity of `model` on the token stream `ids` (a 1-D sequence of ints).
 
     Returns perplexity, nll (mean nats per scored token), std_error (of the
@@ -84,14 +127,10 @@ def perplexity(model, ids, ctx: int, stride: int | None = None, batch_size: int 
     ids = ids.long().flatten().cpu()
     n = ids.numel()
     block = model.config.block_size
-    _int("ctx", ctx, 4)
+    PerplexityConfig.from_dict({"ctx": ctx, "stride": stride, "batch_size": batch_size})  # types and ranges
     if ctx > block:
-        raise ConfigError(f"ctx {ctx} is longer than the model's context (block_size {block}); use --ctx {block} or less")
-    if stride is not None:
-        _int("stride", stride, 1)
-        if stride > ctx:
-            raise ConfigError(f"stride {stride} is larger than ctx {ctx}; use a stride between 1 and {ctx}")
-    _int("batch_size", batch_size, 1)
+        raise ConfigError(f"ctx {ctx} is longer than the model's context (block_size {block}); "
+                          f"use --ctx {block} or less")
     if n < ctx:
         raise DataError(f"the text has {n} tokens, fewer than one window: ctx {ctx} needs at least {ctx} tokens "
                         f"(use a longer text or a smaller --ctx)")
@@ -131,8 +170,7 @@ def perplexity(model, ids, ctx: int, stride: int | None = None, batch_size: int 
                 scored_bytes += int(token_bytes[x[:, first + 1:]][mask].sum())
             i += len(batch)
             done += len(batch)
-            if progress is not None:
-                progress(done, len(plan))
+            report(progress, "perplexity", done, len(plan), unit="windows")
     seconds = time.perf_counter() - start_time
     mean = total / count
     var = max(total_sq / count - mean * mean, 0.0)
@@ -167,40 +205,30 @@ def token_byte_lengths(tokenizer) -> list[int]:
     return out
 
 
-def read_text(path: str | os.PathLike) -> str:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
-
-
-def perplexity_of_file(model_dir: str | os.PathLike | None, path: str | os.PathLike, ctx: int | None = None,
-                       stride: int | None = None, batch_size: int = 8, dtype=None, device="cpu",
-                       progress: Progress | None = None) -> dict:
-    """`perplexity` of a model directory on a UTF-8 text file (ctx None = the model's context)."""
-    text = read_text(path)
-    model, tok, _ = load_for_inference(model_dir, dtype, device)
-    ctx = model.config.block_size if ctx is None else ctx
+def perplexity_of_file(model_dir: str | os.PathLike | None, path: str | os.PathLike,
+                       cfg: PerplexityConfig | None = None, progress: Progress | None = None) -> dict:
+    """`perplexity` of a model directory (None: the bundled default) on a UTF-8 text file."""
+    cfg = cfg or PerplexityConfig()
+    text = read_text(path, "text file")
+    model, tok, _ = load_for_inference(model_dir, cfg.dtype, cfg.device)
+    ctx = model.config.block_size if cfg.ctx is None else cfg.ctx
     ids = tok.encode(text)
     lengths = token_byte_lengths(tok)
     n_bytes = len(text.encode("utf-8"))
     exact = sum(lengths[i] for i in ids) == n_bytes  # an exact tokenizer: bytes of the scored tokens known
     try:
-        result = perplexity(model, ids, ctx, stride=stride, batch_size=batch_size, progress=progress,
+        result = perplexity(model, ids, ctx, stride=cfg.stride, batch_size=cfg.batch_size, progress=progress,
                             **({"token_bytes": lengths} if exact else {"n_bytes": n_bytes}))
     except DataError as e:
         raise DataError(f"{path}: {e}") from None
+    weight = model.tok_emb.weight
     return {"model": str(model_dir) if model_dir is not None else "default", "file": str(path),
-            "file_tokens": len(ids), "file_bytes": n_bytes, "dtype": str(model.tok_emb.weight.dtype).replace("torch.", ""),
-            "device": str(model.tok_emb.weight.device), **result}
+            "file_tokens": len(ids), "file_bytes": n_bytes, "dtype": str(weight.dtype).replace("torch.", ""),
+            "device": str(weight.device), **result}
 
 
 # --- task accuracy --------------------------------------------------------------------------
 
-EXTRACT_METHODS = ("auto", "exact", "number", "last-number", "choice", "regex")
 DEFAULT_CHOICES = ("A", "B", "C", "D", "E")
 NUMBER_RE = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 
@@ -208,7 +236,7 @@ NUMBER_RE = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 def load_tasks(path: str | os.PathLike) -> list[dict]:
     """Records of a JSONL task file: {"prompt": ..., "answer": ...} (+ optional choices, extract, pattern)."""
     path = Path(path)
-    text = read_text(path)
+    text = read_text(path, "task file")
     records = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -229,7 +257,8 @@ def load_tasks(path: str | os.PathLike) -> list[dict]:
                                  or not all(isinstance(c, str) and c.strip() for c in rec["choices"])):
             raise DataError(f'{path} line {n}: "choices" must be a non-empty list of strings')
         if rec.get("extract", "auto") not in EXTRACT_METHODS:
-            raise DataError(f'{path} line {n}: "extract" {rec["extract"]!r} must be one of {", ".join(EXTRACT_METHODS)}')
+            raise DataError(f'{path} line {n}: "extract" {rec["extract"]!r} must be one of '
+                            f'{", ".join(EXTRACT_METHODS)}')
         records.append({**rec, "line": n})
     if not records:
         raise DataError(f'{path} holds no records; write one {{"prompt": ..., "answer": ...}} object per line')
@@ -328,13 +357,12 @@ def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[floa
 
 
 def task_accuracy(model, tokenizer, records: list[dict], config: SamplingConfig | None = None,
-                  extract: str = "auto", pattern: str | None = None, batch_size: int = 8,
-                  progress: Progress | None = None) -> dict:
-    """Exact-match accuracy of greedy completions of `records` (see load_tasks), with a 95% CI."""
-    if extract not in EXTRACT_METHODS:
-        raise ConfigError(f"unknown extraction {extract!r}; choose one of {', '.join(EXTRACT_METHODS)}")
-    _int("batch_size", batch_size, 1)
-    config = config or SamplingConfig(temperature=0.0, max_new_tokens=32, stop=("\n",))
+                  extract: str = TaskConfig.extract, pattern: str | None = None,
+                  batch_size: int = TaskConfig.batch_size, progress: Progress | None = None) -> dict:
+    """Exact-match accuracy of greedy completions of `records` (see load_tasks), with a 95% CI.
+    `config` None: TaskConfig's greedy completions."""
+    task = TaskConfig.from_dict({"extract": extract, "pattern": pattern, "batch_size": batch_size})  # checked
+    config = config or task.sampling
     if not config.greedy:
         raise ConfigError("task accuracy uses greedy completions; set temperature 0")
     methods = [resolve_method(r, extract) for r in records]
@@ -355,8 +383,7 @@ def task_accuracy(model, tokenizer, records: list[dict], config: SamplingConfig 
             rows.append({"line": r["line"], "prompt": r["prompt"], "answer": r["answer"], "completion": g.text,
                          "extract": m, "predicted": predicted, "correct": is_correct(predicted, r, m)})
             new_tokens += g.new_tokens
-        if progress is not None:
-            progress(len(rows), len(records))
+        report(progress, "task", len(rows), len(records), unit="records")
     seconds = time.perf_counter() - start
     correct = sum(r["correct"] for r in rows)
     lo, hi = wilson_interval(correct, len(rows))
@@ -365,11 +392,11 @@ def task_accuracy(model, tokenizer, records: list[dict], config: SamplingConfig 
             "sampling": config.to_dict(), "records": rows}
 
 
-def task_accuracy_of_file(model_dir: str | os.PathLike | None, path: str | os.PathLike,
-                          config: SamplingConfig | None = None, extract: str = "auto", pattern: str | None = None,
-                          batch_size: int = 8, dtype=None, device="cpu", progress: Progress | None = None) -> dict:
-    """`task_accuracy` of a model directory on a JSONL task file."""
+def task_accuracy_of_file(model_dir: str | os.PathLike | None, path: str | os.PathLike, cfg: TaskConfig | None = None,
+                          progress: Progress | None = None) -> dict:
+    """`task_accuracy` of a model directory (None: the bundled default) on a JSONL task file."""
+    cfg = cfg or TaskConfig()
     records = load_tasks(path)
-    model, tok, _ = load_for_inference(model_dir, dtype, device)
-    result = task_accuracy(model, tok, records, config, extract, pattern, batch_size, progress)
+    model, tok, _ = load_for_inference(model_dir, cfg.dtype, cfg.device)
+    result = task_accuracy(model, tok, records, cfg.sampling, cfg.extract, cfg.pattern, cfg.batch_size, progress)
     return {"model": str(model_dir) if model_dir is not None else "default", "file": str(path), **result}

@@ -9,13 +9,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_lbdl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import run_lbdl
-from lbdl_cli.data import (PrepareConfig, check_tokenizer, iter_documents, load_shards, prepare, read_meta,
-                           token_dtype)
+from lbdl_cli.data import (
+    PrepareConfig,
+    check_tokenizer,
+    info,
+    iter_documents,
+    load_shards,
+    prepare,
+    read_meta,
+    token_dtype,
+)
 from lbdl_cli.errors import ConfigError, DataError
+from lbdl_cli.progress import collect
 from tokenizer import Tokenizer, file_hash, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,12 +38,15 @@ def write(path: Path, data: str | bytes) -> Path:
 
 
 def lines_of(text: str) -> list[str]:
-    return text.splitlines(keepends=True) if "\r" not in text else [l for l in text.replace("\n", "\n\0").split("\0") if l]
+    if "\r" not in text:
+        return text.splitlines(keepends=True)
+    return [line for line in text.replace("\n", "\n\0").split("\0") if line]
 
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
-    return write(tmp_path_factory.mktemp("corpus") / "shakespeare.txt", SHAKESPEARE.read_text(encoding="utf-8")[:200_000])
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:200_000]
+    return write(tmp_path_factory.mktemp("corpus") / "shakespeare.txt", text)
 
 
 @pytest.fixture(scope="session")
@@ -81,7 +93,7 @@ def test_paragraph_documents_known_answer():
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.sampled_from(["a", "b c", "", " ", "\t"]), max_size=30).map(
-    lambda lines: "".join(l + "\n" for l in lines)), st.sampled_from(["paragraph", "line", "file"]))
+    lambda lines: "".join(line + "\n" for line in lines)), st.sampled_from(["paragraph", "line", "file"]))
 def test_documents_join_back_to_the_file(text, split_on):
     docs = list(iter_documents(lines_of(text), split_on))
     assert "".join(docs) == text
@@ -158,7 +170,7 @@ def test_many_files_globs_and_line_documents(tok_dir, tmp_path):
     out = tmp_path / "out"
     result = prepare([str(tmp_path / "in" / "*.txt")], tok_dir, out, split_on="line", val_fraction=0.2)
     assert [Path(s["path"]).name for s in result["sources"]] == ["part0.txt", "part1.txt", "part2.txt"]
-    n_lines = sum(1 for l in text.splitlines() if l.strip())
+    n_lines = sum(1 for line in text.splitlines() if line.strip())
     assert result["train_documents"] + result["val_documents"] == n_lines + 2  # two files cut mid-line
     assert result["train_bytes"] + result["val_bytes"] == 30_000
 
@@ -184,6 +196,46 @@ def test_config_validation():
         PrepareConfig(val_fraction=0.9)
     with pytest.raises(ConfigError, match="split_on"):
         PrepareConfig(split_on="sentence")
+
+
+@pytest.mark.parametrize("config", [PrepareConfig(), PrepareConfig(val_fraction=0.0, seed=9, split_on="file",
+                                                                    invalid_utf8="replace", num_threads=1)])
+def test_config_round_trips(config):
+    assert PrepareConfig.from_dict(config.to_dict()) == config
+    assert PrepareConfig.from_toml(config.to_toml()) == config
+
+
+def test_config_refuses_unknown_keys_and_values_by_name():
+    with pytest.raises(ConfigError, match="prepare config: unknown key 'split'"):
+        PrepareConfig.from_dict({"split": "line"})
+    with pytest.raises(ConfigError, match="invalid_utf8 must be one of error, replace, skip, got 'ignore'"):
+        PrepareConfig(invalid_utf8="ignore")
+    with pytest.raises(ConfigError, match="num_threads"):
+        PrepareConfig(num_threads=-1)
+
+
+def test_prepare_takes_a_config_and_reports_bytes_read(shards, corpus, tok_dir, tmp_path, monkeypatch):
+    import lbdl_cli.data as data
+
+    monkeypatch.setattr(data, "BATCH_CHARS", 50_000)
+    events = []
+    out = tmp_path / "again"
+    copy = write(tmp_path / "copy.txt", corpus.read_bytes())
+    prepare([corpus, copy], tok_dir, out, config=PrepareConfig(val_fraction=0.1, seed=5), progress=collect(events))
+    size = corpus.stat().st_size
+    assert {(e.stage, e.unit, e.total) for e in events} == {("tokenizing", "bytes", 2 * size)}
+    done = [e.done for e in events]
+    assert done == sorted(done) and done[-1] == 2 * size and size in done and len(done) > 4
+    before = load_shards(shards)[0]  # the first file alone, with the same settings: the same first documents
+    assert np.array_equal(load_shards(out)[0][:len(before)], before)
+    with pytest.raises(TypeError, match="not both"):
+        prepare([corpus], tok_dir, tmp_path / "x", config=PrepareConfig(), seed=5)
+
+
+def test_info_is_the_checked_meta(shards, tmp_path):
+    assert info(shards) == {"path": str(shards), **read_meta(shards)}
+    with pytest.raises(DataError, match="no meta.json"):
+        info(tmp_path)
 
 
 # --- load_shards and the tokenizer check ------------------------------------------------
@@ -268,7 +320,8 @@ def bad_cases(tmp: Path, tok_dir: Path) -> dict[str, tuple[list, str]]:
         "missing file": ([*cmd, tmp / "nope.txt", "--tokenizer", tok_dir, *out], "file not found"),
         "empty corpus": ([*cmd, empty, "--tokenizer", tok_dir, *out], "corpus is empty"),
         "binary file": ([*cmd, good, binary, "--tokenizer", tok_dir, *out], "binary file (NUL byte at offset 0)"),
-        "invalid UTF-8": ([*cmd, latin1, "--tokenizer", tok_dir, *out], f"{latin1} is not valid UTF-8: byte 0xe9 at offset 21"),
+        "invalid UTF-8": ([*cmd, latin1, "--tokenizer", tok_dir, *out],
+                          f"{latin1} is not valid UTF-8: byte 0xe9 at offset 21"),
         "not a sentencepiece model": ([*cmd, good, "--tokenizer", fake.parent, *out], "not a sentencepiece model"),
         "missing tokenizer": ([*cmd, good, "--tokenizer", tmp / "no-tok", *out], "tokenizer not found"),
         "output exists": ([*cmd, good, "--tokenizer", tok_dir, "--out", tmp / "existing"], "already exists"),

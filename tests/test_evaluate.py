@@ -6,17 +6,30 @@ import json
 import math
 
 import pytest
+import test_sample
 import torch
+from conftest import imported_hf_model, tiny_model
 
 from lbdl_cli.errors import ConfigError, DataError
 from lbdl_cli.evaluate import (
-    canonical_number, extract_answer, is_correct, load_tasks, perplexity, task_accuracy, token_byte_lengths,
-    wilson_interval, windows,
+    PerplexityConfig,
+    TaskConfig,
+    canonical_number,
+    extract_answer,
+    is_correct,
+    load_tasks,
+    perplexity,
+    task_accuracy,
+    task_accuracy_of_file,
+    token_byte_lengths,
+    wilson_interval,
+    windows,
 )
+from lbdl_cli.progress import collect
 from lbdl_cli.sample import SamplingConfig, generate, load_for_inference
 
-from conftest import imported_hf_model, tiny_model
-from test_sample import ROOT, ScriptedLM, model_dir, tok, tok_dir  # noqa: F401  (shared fixtures)
+ROOT, ScriptedLM = test_sample.ROOT, test_sample.ScriptedLM
+tok_dir, tok, model_dir = test_sample.tok_dir, test_sample.tok, test_sample.model_dir  # the shared fixtures
 
 
 @torch.no_grad()
@@ -71,13 +84,51 @@ def test_sliding_windows_score_every_token_after_the_first_exactly_once(n, ctx, 
     assert sorted(scored) == list(range(1, n))
 
 
+# --- configs ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", [
+    PerplexityConfig(), PerplexityConfig(ctx=64, stride=16, batch_size=2, dtype="bfloat16", device="cpu"),
+    TaskConfig(), TaskConfig(extract="regex", pattern=r"is (\d+)", max_new_tokens=4, stop=(r"\n\n", "Q:"),
+                             batch_size=3, dtype="float32", device="cpu"),
+])
+def test_eval_configs_round_trip(config):
+    cls = type(config)
+    assert cls.from_dict(config.to_dict()) == config
+    assert cls.from_toml(config.to_toml()) == config
+
+
+@pytest.mark.parametrize("cls, name", [(PerplexityConfig, "perplexity config"), (TaskConfig, "task config")])
+def test_eval_configs_refuse_an_unknown_key_by_name(cls, name):
+    with pytest.raises(ConfigError, match=f"{name}: unknown key 'batchsize'"):
+        cls.from_dict({"batchsize": 4})
+
+
+def test_eval_configs_check_their_ranges():
+    with pytest.raises(ConfigError, match="stride 17 is larger than ctx 16"):
+        PerplexityConfig(ctx=16, stride=17)
+    with pytest.raises(ConfigError, match="ctx must be in"):
+        PerplexityConfig(ctx=2)
+    with pytest.raises(ConfigError, match="batch_size"):
+        TaskConfig(batch_size=0)
+    with pytest.raises(ConfigError, match="extract must be one of.*'vibes'"):
+        TaskConfig(extract="vibes")
+
+
+def test_task_config_builds_greedy_sampling_with_typed_stops():
+    assert TaskConfig().sampling == SamplingConfig(temperature=0.0, max_new_tokens=32, stop=("\n",))
+    sampling = TaskConfig(max_new_tokens=5, stop=(r"\n\n", "Q:")).sampling
+    assert sampling.greedy and sampling.max_new_tokens == 5 and sampling.stop == ("\n\n", "Q:")
+
+
 # --- perplexity: known answers and the direct loop -------------------------------------------------
 
 
 def test_uniform_model_has_perplexity_v_and_bits_per_byte_known():
     V = 400
     model = ScriptedLM([0], prompt_len=0, vocab=V, block_size=64)
-    model.forward = lambda idx, cache=None, logits_to_keep=0: torch.zeros(idx.shape[0], logits_to_keep or idx.shape[1], V)
+    model.forward = lambda idx, cache=None, logits_to_keep=0: torch.zeros(idx.shape[0], logits_to_keep or idx.shape[1],
+                                                                          V)
     ids = torch.randint(0, V, (300,), generator=torch.Generator().manual_seed(0))
     token_bytes = torch.arange(V) % 4 + 1
     r = perplexity(model, ids, ctx=32, token_bytes=token_bytes)
@@ -103,7 +154,9 @@ def test_perplexity_equals_the_direct_loop_for_any_batch_size(family, stride):
         assert r["perplexity"] == pytest.approx(ppl_of(nlls), rel=1e-5)
         assert r["nll"] == pytest.approx(mean, rel=1e-5)
         assert r["std_error"] == pytest.approx(r["perplexity"] * math.sqrt(var / (len(nlls) - 1)), rel=1e-4)
-        assert r["convention"] == ("llama.cpp" if stride is None else "sliding") and r["tokens_per_s"] > 0
+        assert r["convention"] == ("llama.cpp" if stride is None else "sliding")
+        assert r["tokens_evaluated"] == r["windows"] * 16
+        assert r["tokens_per_s"] == pytest.approx(r["tokens_evaluated"] / r["seconds"])
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -114,6 +167,16 @@ def test_perplexity_of_an_imported_model_equals_transformers_on_the_same_windows
         theirs = ppl_of(direct_nlls(lambda x: hf(x).logits, ids, 64, stride))
         ours = perplexity(model, ids, ctx=64, stride=stride, batch_size=4)
         assert ours["perplexity"] == pytest.approx(theirs, rel=1e-5)
+
+
+def test_perplexity_reports_windows_done_up_to_the_total():
+    model = tiny_model()
+    ids = torch.randint(0, 97, (203,), generator=torch.Generator().manual_seed(4))
+    events = []
+    r = perplexity(model, ids, ctx=16, stride=5, batch_size=3, progress=collect(events))
+    assert {(e.stage, e.unit, e.total) for e in events} == {("perplexity", "windows", r["windows"])}
+    done = [e.done for e in events]
+    assert done == sorted(done) and done[-1] == r["windows"] and len(events) == math.ceil(r["windows"] / 3)
 
 
 def test_bfloat16_perplexity_is_close_to_float32():
@@ -138,14 +201,14 @@ def test_perplexity_refuses_bad_windows():
 
 
 def test_file_perplexity_bits_per_byte_counts_the_scored_bytes(model_dir, tok, tmp_path):
-    from lbdl_cli.evaluate import perplexity_of_file
+    from lbdl_cli.evaluate import PerplexityConfig, perplexity_of_file
 
     text = (ROOT / "data" / "tinyshakespeare.txt").read_text()[5000:9000]
     (tmp_path / "t.txt").write_text(text)
     lengths = token_byte_lengths(tok)
     ids = tok.encode(text)
     assert sum(lengths[i] for i in ids) == len(text.encode())  # exact: byte counts per token add up
-    r = perplexity_of_file(model_dir, tmp_path / "t.txt", ctx=64, stride=64)
+    r = perplexity_of_file(model_dir, tmp_path / "t.txt", PerplexityConfig(ctx=64, stride=64))
     scored = {t for s, first in windows(len(ids), 64, 64) for t in range(s + first + 1, s + 64)}
     assert len(scored) == r["tokens"] < len(ids)  # a window's first token has no context: not scored
     assert r["bytes"] == sum(lengths[ids[t]] for t in scored)
@@ -197,6 +260,30 @@ def test_task_accuracy_with_known_completions(tok):
     assert task_accuracy(model, tok, records, extract="regex", pattern=r"is (\d)")["correct"] == 0  # "4"
     with pytest.raises(ConfigError, match="greedy"):
         task_accuracy(model, tok, records, SamplingConfig(temperature=1.0))
+
+
+def test_task_accuracy_reports_records_done_up_to_the_total(tok):
+    script = tok.encode("The answer is 42.\nQ: next") + [tok.eos_id]
+    prompts = ["Q: 12+30=", "Q: 50+18=", "Q: 16+26=", "Q: 90+99=", "Q: 40+ 2="]
+    model = ScriptedLM(script, len(tok.encode(prompts[0])))
+    records = [{"prompt": p, "answer": 42, "line": i + 1} for i, p in enumerate(prompts)]
+    events = []
+    task_accuracy(model, tok, records, batch_size=2, progress=collect(events))
+    assert [(e.stage, e.unit, e.done, e.total) for e in events] == [("task", "records", n, 5) for n in (2, 4, 5)]
+
+
+def test_task_accuracy_of_file_takes_a_task_config(model_dir, tmp_path):
+    model, tok_, _ = load_for_inference(model_dir)
+    prompts = ["To be, or not", "Good night", "What light"]
+    outs = generate(model, tok_, prompts, SamplingConfig(temperature=0.0, max_new_tokens=6, stop=("\n",)))
+    path = tmp_path / "tasks.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "answer": g.text.strip() or "x", "extract": "exact"}) + "\n"
+                            for p, g in zip(prompts, outs)))
+    events = []
+    r = task_accuracy_of_file(model_dir, path, TaskConfig(max_new_tokens=6, batch_size=2), collect(events))
+    assert [x["completion"] for x in r["records"]] == [g.text for g in outs]
+    assert r["sampling"] == TaskConfig(max_new_tokens=6).sampling.to_dict() and r["file"] == str(path)
+    assert [e.done for e in events] == [2, 3]
 
 
 def test_load_tasks_reports_the_bad_line(tmp_path):

@@ -11,12 +11,24 @@ from pathlib import Path
 
 import pytest
 import sentencepiece as spm
+from conftest import run_lbdl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import run_lbdl
 from lbdl_cli.errors import ConfigError, DataError, LbdlError
-from tokenizer import Tokenizer, TrainConfig, file_hash, train
+from lbdl_cli.progress import collect
+from tokenizer import (
+    DecodeConfig,
+    EncodeConfig,
+    InspectConfig,
+    Tokenizer,
+    TokenizerConfig,
+    decode_ids,
+    encode_text,
+    file_hash,
+    inspect_tokenizer,
+    train,
+)
 from tokenizer import core as tok_core
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -355,7 +367,8 @@ def bad_inputs(tmp: Path) -> dict[str, tuple[list, dict, str]]:
         "vocabulary below the reserved ids": ([good], {"vocab_size": 200}, "too small"),
         "vocabulary too small for the corpus characters": ([cjk], {"vocab_size": 300, "character_coverage": 1.0},
                                                            "too small for this corpus"),
-        "vocabulary too large for the corpus": ([tiny], {"vocab_size": 1000}, "too large for this corpus: it supports at most"),
+        "vocabulary too large for the corpus": ([tiny], {"vocab_size": 1000},
+                                                "too large for this corpus: it supports at most"),
         "special token with a space": ([good], {"special_tokens": ["<|a b|>"]}, "whitespace"),
     }
 
@@ -400,16 +413,95 @@ def test_existing_output_refused_unless_force(corpus, tmp_path):
 
 def test_config_validation():
     with pytest.raises(ConfigError, match="vocabulary size 100 is too small"):
-        TrainConfig(vocab_size=100)
+        TokenizerConfig(vocab_size=100)
     with pytest.raises(ConfigError, match="listed twice"):
-        TrainConfig(vocab_size=500, special_tokens=("<a>", "<a>"))
+        TokenizerConfig(vocab_size=500, special_tokens=("<a>", "<a>"))
     with pytest.raises(ConfigError, match="always present"):
-        TrainConfig(vocab_size=500, special_tokens=("<eos>",))
+        TokenizerConfig(vocab_size=500, special_tokens=("<eos>",))
     with pytest.raises(ConfigError, match="byte piece"):
-        TrainConfig(vocab_size=500, special_tokens=("<0x41>",))
+        TokenizerConfig(vocab_size=500, special_tokens=("<0x41>",))
     with pytest.raises(ConfigError, match="invalid_utf8"):
-        TrainConfig(vocab_size=500, invalid_utf8="ignore")
-    assert TrainConfig(vocab_size=4096).to_dict()["vocab_size"] == 4096
+        TokenizerConfig(vocab_size=500, invalid_utf8="ignore")
+    assert TokenizerConfig(vocab_size=4096).to_dict()["vocab_size"] == 4096
+
+
+@pytest.mark.parametrize("config", [
+    TokenizerConfig(), TokenizerConfig(vocab_size=500, special_tokens=("<|user|>", "<|tool|>"), character_coverage=1.0,
+                                       split_digits=False, max_lines=0, heldout_fraction=0.0, seed=3,
+                                       invalid_utf8="skip", num_threads=2),
+    EncodeConfig(), EncodeConfig(bos=True, eos=True, special=True), DecodeConfig(skip_special=True),
+    InspectConfig(top=3, invalid_utf8="replace"),
+])
+def test_configs_round_trip(config):
+    cls = type(config)
+    assert cls.from_dict(config.to_dict()) == config
+    assert cls.from_toml(config.to_toml()) == config
+
+
+@pytest.mark.parametrize("cls, name", [(TokenizerConfig, "tokenizer config"), (EncodeConfig, "encode config"),
+                                       (DecodeConfig, "decode config"), (InspectConfig, "inspect config")])
+def test_configs_refuse_an_unknown_key_by_name(cls, name):
+    with pytest.raises(ConfigError, match=f"{name}: unknown key 'vocab'"):
+        cls.from_dict({"vocab": 4096})
+
+
+def test_config_ranges():
+    with pytest.raises(ConfigError, match="character_coverage must be in"):
+        TokenizerConfig(character_coverage=0.0)
+    with pytest.raises(ConfigError, match="heldout_fraction must be in"):
+        TokenizerConfig(heldout_fraction=0.6)
+    with pytest.raises(ConfigError, match="max_lines"):
+        TokenizerConfig(max_lines=-1)
+    with pytest.raises(ConfigError, match="top"):
+        InspectConfig(top=-1)
+
+
+def test_train_takes_a_config_or_its_fields(corpus):
+    config = TokenizerConfig(vocab_size=400, seed=3, max_lines=2000)
+    assert train([corpus], config=config).model_bytes == train([corpus], 400, seed=3, max_lines=2000).model_bytes
+    with pytest.raises(TypeError, match="not both"):
+        train([corpus], 400, config=config)
+
+
+def test_train_reports_progress_stage_by_stage(tmp_path, monkeypatch):
+    from tokenizer import trainer
+
+    monkeypatch.setattr(trainer, "REPORT_BYTES", 100_000)
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    files = [write(tmp_path / "a.txt", text[:700_000]), write(tmp_path / "b.txt", text[700_000:900_000])]
+    size = sum(f.stat().st_size for f in files)
+    events = []
+    tok = train(files, 400, progress=collect(events))
+    r = tok.report
+    stages = {"reading": ("bytes", size), "training": ("lines", r["training_lines"]),
+              "measuring": ("lines", r["heldout_lines"])}
+    assert list(dict.fromkeys(e.stage for e in events)) == list(stages)
+    for stage, (unit, total) in stages.items():
+        seen = [e for e in events if e.stage == stage]
+        assert {(e.unit, e.total) for e in seen} == {(unit, total)}
+        done = [e.done for e in seen]
+        assert done == sorted(done) and done[-1] == total and done[0] < total
+    reading = [e.done for e in events if e.stage == "reading"]
+    assert files[0].stat().st_size in reading  # the end of the first file is reported
+    assert len(reading) >= 7  # and progress within a file, every REPORT_BYTES
+
+
+def test_encode_decode_and_inspect_calls(tok_dir, tok, corpus):
+    text = "<|user|>Speak, speak.\n"
+    encoded = encode_text(tok_dir, text, EncodeConfig(bos=True, special=True))
+    assert encoded["ids"] == tok.encode(text, bos=True, allow_special=True) and encoded["chars"] == len(text)
+    assert encoded["pieces"] == [tok.id_to_piece(i) for i in encoded["ids"]]
+    assert encoded["tokens"] == len(encoded["ids"])
+    assert encode_text(tok_dir, text)["ids"] == tok.encode(text)
+    assert decode_ids(tok_dir, encoded["ids"]) == {"text": text, "tokens": len(encoded["ids"]), "chars": len(text)}
+    assert decode_ids(tok_dir, encoded["ids"], DecodeConfig(skip_special=True))["text"] == "Speak, speak.\n"
+    info = inspect_tokenizer(tok_dir, corpus, InspectConfig(top=3))
+    assert info["longest_pieces"] == tok.longest_pieces(3) and info["vocab_size"] == VOCAB
+    assert info["pieces"] == {"special": 6, "byte": 256, "line break": 2, "learned": VOCAB - 264}
+    body = corpus.read_text(encoding="utf-8")
+    assert info["text"]["round_trip"] is True and info["text"]["tokens"] == len(tok.encode(body))
+    assert info["training"] == tok.report and info["tokenizer_sha256"] == file_hash(tok_dir)
+    assert "text" not in inspect_tokenizer(tok_dir)
 
 
 # --- CLI -----------------------------------------------------------------------------------
@@ -471,14 +563,17 @@ def cli_bad_cases(tmp: Path, tok_dir: Path):
     existing = tmp / "existing"
     existing.mkdir(exist_ok=True)
     good = tmp / "good.txt"
-    cases["train: output exists"] = (["tokenizer", "train", good, "--vocab-size", 400, "--out", existing], "already exists")
+    cases["train: output exists"] = (["tokenizer", "train", good, "--vocab-size", 400, "--out", existing],
+                                     "already exists")
     fake = write(tmp / "fake" / "tokenizer.model", "hello\n")
-    cases["encode: not a sentencepiece model"] = (["tokenizer", "encode", fake.parent, "hi"], "not a sentencepiece model")
+    cases["encode: not a sentencepiece model"] = (["tokenizer", "encode", fake.parent, "hi"],
+                                                  "not a sentencepiece model")
     cases["decode: not a sentencepiece model"] = (["tokenizer", "decode", fake, "1 2"], "not a sentencepiece model")
     cases["decode: id out of range"] = (["tokenizer", "decode", tok_dir, "1 99999"], "out of range")
     cases["decode: not an integer"] = (["tokenizer", "decode", tok_dir, "1 two"], "not an integer")
     cases["inspect: missing tokenizer"] = (["tokenizer", "inspect", tmp / "nope"], "not found")
-    cases["inspect: --text invalid UTF-8"] = (["tokenizer", "inspect", tok_dir, "--text", tmp / "latin1.txt"], "offset 9")
+    cases["inspect: --text invalid UTF-8"] = (["tokenizer", "inspect", tok_dir, "--text", tmp / "latin1.txt"],
+                                              "offset 9")
     return cases
 
 

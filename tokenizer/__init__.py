@@ -6,7 +6,7 @@
     ids = tok.encode("To be, or not to be", bos=True)
     assert tok.decode(ids) == "To be, or not to be"
 
-Names are loaded on first use, so `from tokenizer.config import TrainConfig`
+Names are loaded on first use, so `from tokenizer.config import TokenizerConfig`
 does not import sentencepiece.
 """
 
@@ -18,8 +18,9 @@ _EXPORTS = {
     "Tokenizer": "core", "file_hash": "core", "model_path": "core", "display_piece": "core",
     "TOKENIZER_FILE": "core", "CONFIG_FILE": "core",
     "train": "trainer", "sentencepiece_options": "trainer",
-    "TrainConfig": "config",
-    "expand_files": "corpus", "TextFile": "corpus", "atomic_dir": "atomic",
+    "TokenizerConfig": "config", "EncodeConfig": "config", "DecodeConfig": "config", "InspectConfig": "config",
+    "encode_text": "commands", "decode_ids": "commands", "inspect_tokenizer": "commands",
+    "expand_files": "corpus", "TextFile": "corpus",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,13 +1,15 @@
-"""Training settings for a BPE tokenizer: one frozen dataclass, validated on creation.
+"""Settings of the tokenizer's commands: one frozen config dataclass each, validated on creation.
 
-This module imports nothing heavy, so the CLI can take its defaults from
-`TrainConfig` without loading sentencepiece.
+`TokenizerConfig` is how to train one; `EncodeConfig`, `DecodeConfig` and `InspectConfig` are the
+options of `lbdl tokenizer encode|decode|inspect`. This module imports nothing heavy, so the CLI
+can take its flags and defaults from here without loading sentencepiece.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
+from lbdl_cli.config import Config, setting
 from lbdl_cli.errors import ConfigError
 
 # The four special tokens every lbdl tokenizer has, at these ids.
@@ -27,18 +29,22 @@ def reserved_ids(n_special_tokens: int = 0) -> int:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """How to train a tokenizer. `lbdl tokenizer train` takes its defaults from here."""
+class TokenizerConfig(Config):
+    """How to train a tokenizer. `lbdl tokenizer train` takes its flags and defaults from here."""
 
-    vocab_size: int = 4096
-    special_tokens: tuple[str, ...] = field(default_factory=tuple)  # e.g. chat or tool markers
-    character_coverage: float = 0.9999  # rarer characters are spelled with byte pieces
-    split_digits: bool = True  # every digit its own token (as Llama does)
-    max_lines: int = 1_000_000  # lines sampled for training (reservoir sample, seeded); 0 = all
-    heldout_fraction: float = 0.05  # lines held out (seeded) to measure compression
-    seed: int = 1337
-    invalid_utf8: str = "error"  # error | replace (U+FFFD) | skip (drop the line)
-    num_threads: int = 0  # 0 = every core
+    vocab_size: int = setting(4096, "Vocabulary size, special tokens included.")  # its range: __post_init__
+    special_tokens: tuple[str, ...] = setting((), "Extra special tokens, comma-separated or repeated "
+                                                  "(e.g. '<|user|>,<|assistant|>').")
+    character_coverage: float = setting(0.9999, "Share of characters that get their own piece; rarer ones are "
+                                                "spelled in bytes.", low=0, low_open=True, high=1)
+    split_digits: bool = setting(True, "Make every digit its own token (as Llama does).")
+    max_lines: int = setting(1_000_000, "Train on a seeded reservoir sample of at most this many lines (0 = all).",
+                             low=0)
+    heldout_fraction: float = setting(0.05, "Share of lines held out (seeded) to measure compression.", low=0, high=0.5)
+    seed: int = setting(1337, "Seed for the held-out draw and the line sample.")
+    invalid_utf8: str = setting("error", "What to do with invalid UTF-8: error | replace (U+FFFD) | skip (drop the "
+                                         "line).", choices=INVALID_UTF8_CHOICES)
+    num_threads: int = setting(0, "sentencepiece threads; 0 = every core.", low=0)
 
     def __post_init__(self):
         object.__setattr__(self, "special_tokens", tuple(self.special_tokens))
@@ -58,26 +64,38 @@ class TrainConfig:
             if not isinstance(token, str) or not token:
                 raise ConfigError(f"special token {token!r} must be a non-empty string")
             if any(c.isspace() for c in token):
-                raise ConfigError(f"special token {token!r} contains whitespace; use a token without spaces or line breaks")
+                raise ConfigError(f"special token {token!r} contains whitespace; use a token without spaces or "
+                                  f"line breaks")
             if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
-                raise ConfigError(f"special token {token!r} looks like a byte piece (<0x00>..<0xFF>); choose another name")
+                raise ConfigError(f"special token {token!r} looks like a byte piece (<0x00>..<0xFF>); "
+                                  f"choose another name")
             if token in RESERVED_TOKENS:
                 raise ConfigError(f"special token {token!r} is always present; list only extra tokens")
             if token in seen:
                 raise ConfigError(f"special token {token!r} is listed twice")
             seen.add(token)
-        if not 0.0 < self.character_coverage <= 1.0:
-            raise ConfigError(f"character coverage {self.character_coverage} must be in (0, 1], e.g. 0.9999")
-        if self.max_lines < 0:
-            raise ConfigError(f"max_lines {self.max_lines} must be >= 0 (0 uses every line)")
-        if not 0.0 <= self.heldout_fraction <= 0.5:
-            raise ConfigError(f"held-out fraction {self.heldout_fraction} must be between 0 and 0.5")
-        if self.invalid_utf8 not in INVALID_UTF8_CHOICES:
-            raise ConfigError(f"invalid_utf8 {self.invalid_utf8!r} must be one of {', '.join(INVALID_UTF8_CHOICES)}")
-        if self.num_threads < 0:
-            raise ConfigError(f"num_threads {self.num_threads} must be >= 0 (0 uses every core)")
+        super().__post_init__()
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["special_tokens"] = list(self.special_tokens)
-        return d
+
+@dataclass(frozen=True)
+class EncodeConfig(Config):
+    """`lbdl tokenizer encode`: what besides the text's own tokens."""
+
+    bos: bool = setting(False, "Start with <bos>.")
+    eos: bool = setting(False, "End with <eos>.")
+    special: bool = setting(False, "Turn special tokens written in the text into their ids.")
+
+
+@dataclass(frozen=True)
+class DecodeConfig(Config):
+    """`lbdl tokenizer decode`."""
+
+    skip_special: bool = setting(False, "Drop user special tokens (they print as text otherwise).")
+
+
+@dataclass(frozen=True)
+class InspectConfig(Config):
+    """`lbdl tokenizer inspect`."""
+
+    top: int = setting(10, "How many of the longest pieces to list.", low=0)
+    invalid_utf8: str = setting("error", "With --text: what to do with invalid UTF-8.", choices=INVALID_UTF8_CHOICES)

@@ -22,9 +22,10 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
-from lbdl_cli.errors import DataError
-
 from lbdl_cli.atomic import atomic_dir
+from lbdl_cli.errors import DataError
+from lbdl_cli.files import read_text
+
 from .config import BOS, EOS, LINE_BREAKS, PAD, UNK
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -118,8 +119,8 @@ class Tokenizer:
         # nothing, so reading them from text would break the round trip (use bos=/eos=)
         specials = {self._pieces[i]: i for i in self._user_special_ids}
         self._special_by_text = specials
-        self._special_re = (re.compile("(" + "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)) + ")")
-                            if specials else None)
+        alternation = "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True))
+        self._special_re = re.compile(f"({alternation})") if specials else None
 
     # --- loading and saving ----------------------------------------------------------
 
@@ -135,8 +136,8 @@ class Tokenizer:
         config_file = file.parent / CONFIG_FILE
         if config_file.is_file():
             try:
-                config = json.loads(config_file.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError):
+                config = json.loads(read_text(config_file))
+            except (json.JSONDecodeError, DataError):
                 config = None  # the config is informational; the model file is the tokenizer
         if config is not None and config.get("tokenizer_sha256") not in (None, hashlib.sha256(data).hexdigest()):
             config = None  # a stale config beside a replaced model file: ignore it
@@ -283,8 +284,9 @@ class Tokenizer:
                 try:
                     text.encode("utf-8")
                 except UnicodeEncodeError as e:
-                    raise DataError(f"text holds a lone surrogate {text[e.start]!r} at index {e.start}, which is not "
-                                    f"valid Unicode text; repair the text (e.g. decode with errors='replace')") from None
+                    raise DataError(f"text holds a lone surrogate {text[e.start]!r} at index {e.start}, which is "
+                                    f"not valid Unicode text; repair the text (e.g. decode with errors='replace')"
+                                    ) from None
             raise
         return [[results[p] if isinstance(p, int) else p for p in layout] for layout in layouts]
 

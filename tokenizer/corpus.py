@@ -30,7 +30,8 @@ def expand_files(patterns) -> list[Path]:
         if _GLOB_CHARS & set(pattern):
             matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
             if not matches:
-                raise DataError(f"no file matches {pattern!r}; check the pattern (quote it so the shell leaves it to lbdl)")
+                raise DataError(f"no file matches {pattern!r}; check the pattern "
+                                f"(quote it so the shell leaves it to lbdl)")
             files.extend(Path(p) for p in matches)
             continue
         path = Path(pattern)
@@ -73,7 +74,8 @@ class TextFile:
             head = fh.read(8192)  # binary files usually show a NUL early, before any invalid UTF-8
             nul = head.find(b"\x00")
             if nul >= 0:
-                raise DataError(f"{self.path} looks like a binary file (NUL byte at offset {nul}); pass UTF-8 text files")
+                raise DataError(f"{self.path} looks like a binary file (NUL byte at offset {nul}); "
+                                f"pass UTF-8 text files")
             fh.seek(0)
             offset = 0
             for raw in fh:

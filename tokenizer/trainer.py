@@ -14,24 +14,23 @@ import io
 import random
 import re
 import time
-from typing import Callable
 
 import sentencepiece as spm
 
-from lbdl_cli.errors import DataError
-
 from lbdl_cli.atomic import check_out
-from .config import BOS, EOS, LINE_BREAKS, PAD, UNK, TrainConfig, reserved_ids
+from lbdl_cli.errors import DataError
+from lbdl_cli.progress import Progress, report
+
+from .config import BOS, EOS, LINE_BREAKS, PAD, UNK, TokenizerConfig, reserved_ids
 from .core import Tokenizer
 from .corpus import TextFile, expand_files, total_bytes
 
 LINE_CHARS = 4096  # longer training lines are cut into pieces this long (sentencepiece skips long lines)
 HELDOUT_MAX_CHARS = 4_000_000  # held-out text kept for measuring compression
+REPORT_BYTES = 1 << 20  # progress is reported about every MiB read
 
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
-
-def sentencepiece_options(config: TrainConfig) -> dict:
+def sentencepiece_options(config: TokenizerConfig) -> dict:
     """The sentencepiece trainer settings lbdl uses (all of them, for the report)."""
     return dict(
         model_type="bpe",
@@ -55,7 +54,7 @@ def sentencepiece_options(config: TrainConfig) -> dict:
     )
 
 
-def _read(files, config: TrainConfig, progress: Progress | None):
+def _read(files, config: TokenizerConfig, progress: Progress | None):
     """Stream the corpus: (training sample, held-out lines, counts)."""
     held_rng = random.Random(f"heldout-{config.seed}")
     sample_rng = random.Random(f"sample-{config.seed}")
@@ -76,11 +75,12 @@ def _read(files, config: TrainConfig, progress: Progress | None):
             if not text.strip():
                 continue
             counts["nonempty_lines"] += 1
-            if config.heldout_fraction and held_rng.random() < config.heldout_fraction and held_chars < HELDOUT_MAX_CHARS:
+            held = config.heldout_fraction and held_rng.random() < config.heldout_fraction
+            if held and held_chars < HELDOUT_MAX_CHARS:
                 heldout.append(text)
                 held_chars += len(text) + 1
                 continue
-            pieces = [text] if len(text) <= LINE_CHARS else [text[i:i + LINE_CHARS] for i in range(0, len(text), LINE_CHARS)]
+            pieces = [text[i:i + LINE_CHARS] for i in range(0, len(text), LINE_CHARS)]
             for piece in pieces:
                 seen += 1
                 if not k or len(sample) < k:
@@ -89,17 +89,15 @@ def _read(files, config: TrainConfig, progress: Progress | None):
                     j = sample_rng.randrange(seen)
                     if j < k:
                         sample[j] = piece
-            if progress is not None and before + f.bytes_read - reported > (1 << 20):
+            if progress is not None and before + f.bytes_read - reported > REPORT_BYTES:
                 reported = before + f.bytes_read
-                progress("reading", reported, total)
+                report(progress, "reading", reported, total, unit="bytes")
         counts["bytes"] += f.bytes_read
         counts["invalid_utf8_lines"] += f.lines_skipped
         if f.bytes_read == 0:
             counts["empty_files"].append(str(path))
-        before = counts["bytes"]
-        if progress is not None:
-            reported = before
-            progress("reading", before, total)
+        before = reported = counts["bytes"]
+        report(progress, "reading", before, total, unit="bytes")
     counts["training_lines_seen"] = seen
     return sample, heldout, counts
 
@@ -108,7 +106,7 @@ _TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a
 _TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
 
 
-def _sentencepiece_train(sample: list[str], config: TrainConfig) -> bytes:
+def _sentencepiece_train(sample: list[str], config: TokenizerConfig) -> bytes:
     writer = io.BytesIO()
     options = sentencepiece_options(config)
     options["num_threads"] = config.num_threads or _cpu_count()
@@ -122,9 +120,10 @@ def _sentencepiece_train(sample: list[str], config: TrainConfig) -> bytes:
                             f"{m.group(2)}; lower --vocab-size or train on more text") from None
         m = _TOO_SMALL.search(message)
         if m:
+            chars = int(m.group(2)) - reserved_ids(len(config.special_tokens))
             raise DataError(f"vocabulary size {config.vocab_size} is too small for this corpus: the special tokens, "
-                            f"byte pieces and the corpus's {int(m.group(2)) - reserved_ids(len(config.special_tokens))} "
-                            f"characters need {m.group(2)}; raise --vocab-size or lower --character-coverage") from None
+                            f"byte pieces and the corpus's {chars} characters need {m.group(2)}; raise --vocab-size "
+                            f"or lower --character-coverage") from None
         raise
     return writer.getvalue()
 
@@ -135,15 +134,19 @@ def _cpu_count() -> int:
     return os.cpu_count() or 1
 
 
-def train(files, vocab_size: int = TrainConfig.vocab_size, *, out=None, force: bool = False,
-          progress: Progress | None = None, **options) -> Tokenizer:
+def train(files, vocab_size: int | None = None, *, config: TokenizerConfig | None = None, out=None,
+          force: bool = False, progress: Progress | None = None, **options) -> Tokenizer:
     """Train a BPE tokenizer on text files (paths or globs); save it to `out` if given.
 
-    `options` are the other `TrainConfig` fields (special_tokens, character_coverage,
-    split_digits, max_lines, heldout_fraction, seed, invalid_utf8, num_threads).
-    The returned tokenizer's `.report` holds the training report.
+    The settings are `config`, or a TokenizerConfig of `vocab_size` and `options` (its other
+    fields: special_tokens, character_coverage, split_digits, max_lines, heldout_fraction, seed,
+    invalid_utf8, num_threads). Progress: bytes read ("reading"), lines trained on ("training"),
+    held-out lines measured ("measuring"). The returned tokenizer's `.report` holds the training report.
     """
-    config = TrainConfig(vocab_size=vocab_size, **options)
+    if config is None:
+        config = TokenizerConfig(**({} if vocab_size is None else {"vocab_size": vocab_size}), **options)
+    elif vocab_size is not None or options:
+        raise TypeError("train() takes a TokenizerConfig or its fields, not both")
     paths = expand_files(files)
     if out is not None:
         check_out(out, force)
@@ -156,20 +159,19 @@ def train(files, vocab_size: int = TrainConfig.vocab_size, *, out=None, force: b
         where = ", ".join(str(p) for p in paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
         raise DataError(f"the corpus is empty (no text in {where}); pass files with text")
     read_seconds = time.perf_counter() - start
-    if progress is not None:
-        progress("training", 0, 1)
+    report(progress, "training", 0, len(sample), unit="lines", status="sentencepiece")
     t0 = time.perf_counter()
     model = _sentencepiece_train(sample, config)
     sp_seconds = time.perf_counter() - t0
     tok = Tokenizer(model, num_threads=config.num_threads)
-    if progress is not None:
-        progress("training", 1, 1)
-        progress("measuring", 0, 1)
-    held_text = "\n".join(heldout) if heldout else "\n".join(sample[:20_000])
+    report(progress, "training", len(sample), len(sample), unit="lines")
+    measured = heldout or sample[:20_000]
+    report(progress, "measuring", 0, len(measured), unit="lines", status="compression")
+    held_text = "\n".join(measured)
     compression = tok.compression(held_text)
     compression["text"] = "held-out lines" if heldout else "training lines (no held-out part)"
     seconds = time.perf_counter() - start
-    report = {
+    summary = {
         "vocab_size": tok.vocab_size,
         "files": [str(p) for p in paths],
         "bytes": counts["bytes"],
@@ -178,8 +180,8 @@ def train(files, vocab_size: int = TrainConfig.vocab_size, *, out=None, force: b
         "training_lines": len(sample),
         "training_lines_available": counts["training_lines_seen"],
         "sampled": counts["training_lines_seen"] > len(sample),
-        "sampling": (f"reservoir sample of {len(sample):,} of {counts['training_lines_seen']:,} lines, seed {config.seed}"
-                     if counts["training_lines_seen"] > len(sample) else "every line"),
+        "sampling": (f"reservoir sample of {len(sample):,} of {counts['training_lines_seen']:,} lines, "
+                     f"seed {config.seed}" if counts["training_lines_seen"] > len(sample) else "every line"),
         "heldout_lines": len(heldout),
         "invalid_utf8_lines": counts["invalid_utf8_lines"],
         "empty_files": counts["empty_files"],
@@ -192,9 +194,8 @@ def train(files, vocab_size: int = TrainConfig.vocab_size, *, out=None, force: b
         "config": config.to_dict(),
         "sentencepiece": {k: v for k, v in sentencepiece_options(config).items() if k != "minloglevel"},
     }
-    tok.config = {"training": report}
-    if progress is not None:
-        progress("measuring", 1, 1)
+    tok.config = {"training": summary}
+    report(progress, "measuring", len(measured), len(measured), unit="lines")
     if out is not None:
         tok.save(out, force=force)
     return tok

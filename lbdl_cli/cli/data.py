@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import typer
 
-from ..data import INVALID_UTF8_CHOICES, SPLIT_CHOICES, PrepareConfig
-from .output import FORCE_OPTION, JSON_OPTION, console, emit, esc, human_bytes, human_count, kv_table, progress
+from ..data import PrepareConfig
+from .options import build, config_options
+from .output import FORCE_OPTION, JSON_OPTION, console, emit, esc, human_bytes, human_count, kv_table, progress_view
 
-DEFAULTS = PrepareConfig()
 app = typer.Typer(help="Prepare corpora: tokenize text into train/val token shards.", no_args_is_help=True)
 
 
@@ -34,27 +34,21 @@ def _rows(meta: dict) -> dict:
 
 
 @app.command("prepare")
+@config_options(PrepareConfig)
 def prepare(
     files: list[str] = typer.Argument(..., metavar="FILES", help="Text files or globs (quote globs; `**` recurses)."),
     tokenizer: str = typer.Option(..., "--tokenizer", help="Tokenizer or model directory, or a tokenizer.model file."),
     out: str = typer.Option(..., "--out", help="Output shard directory (train.bin, val.bin, meta.json)."),
-    val_fraction: float = typer.Option(DEFAULTS.val_fraction, "--val-fraction",
-                                       help="Share of documents drawn (seeded) for val.bin."),
-    split_on: str = typer.Option(DEFAULTS.split_on, "--split-on",
-                                 help=f"What one document is: {' | '.join(SPLIT_CHOICES)} (paragraphs end at blank lines)."),
-    invalid_utf8: str = typer.Option(DEFAULTS.invalid_utf8, "--invalid-utf8",
-                                     help=f"What to do with invalid UTF-8: {' | '.join(INVALID_UTF8_CHOICES)}."),
-    seed: int = typer.Option(DEFAULTS.seed, "--seed", help="Seed of the train/val draw."),
     force: bool = FORCE_OPTION,
     as_json: bool = JSON_OPTION,
+    **fields,
 ):
     """Tokenize text into train.bin / val.bin token arrays plus meta.json, split on document boundaries."""
     from ..data import prepare as prepare_data
-    from .tokenizer import _progress_callback
 
-    with progress("tokenizing", quiet=as_json) as update:
-        result = prepare_data(files, tokenizer, out, force=force, progress=_progress_callback(update),
-                              val_fraction=val_fraction, split_on=split_on, invalid_utf8=invalid_utf8, seed=seed)
+    cfg = build(PrepareConfig, fields)
+    with progress_view(quiet=as_json) as listen:
+        result = prepare_data(files, tokenizer, out, config=cfg, force=force, progress=listen)
 
     def render():
         total = result["train_tokens"] + result["val_tokens"]
@@ -71,13 +65,12 @@ def info(
     as_json: bool = JSON_OPTION,
 ):
     """Show a shard directory's token counts, dtype, split and sources."""
-    from ..data import load_shards
+    from ..data import info as shard_info
 
-    train, val, meta = load_shards(shards)
-    result = {"path": shards, **meta}
+    result = shard_info(shards)
 
     def render():
-        console.print(f"[bold]{esc(shards)}[/bold]  (format_version {meta['format_version']})")
-        console.print(kv_table({k: esc(v) for k, v in _rows(meta).items()}))
+        console.print(f"[bold]{esc(shards)}[/bold]  (format_version {result['format_version']})")
+        console.print(kv_table({k: esc(v) for k, v in _rows(result).items()}))
 
     emit(result, as_json, render)

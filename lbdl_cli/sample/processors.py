@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..config import Config, setting
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
@@ -14,64 +15,42 @@ if TYPE_CHECKING:
 
 # --- configuration ---------------------------------------------------------------------
 
+_NUMBERS = ("temperature", "top_p", "min_p", "repetition_penalty")
+_INTEGERS = ("top_k", "max_new_tokens", "seed")
+
 
 @dataclass(frozen=True)
-class SamplingConfig:
-    """How to pick each new token. `lbdl generate` takes its defaults from here."""
+class SamplingConfig(Config):
+    """How to pick each new token. `lbdl generate` takes its defaults from here (GenerateConfig)."""
 
-    temperature: float = 0.8  # 0 = greedy (argmax)
-    top_k: int = 0  # keep the k most likely tokens; 0 = off
-    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p; 1 = off
-    min_p: float = 0.0  # keep tokens with probability >= min_p * the top token's; 0 = off
-    repetition_penalty: float = 1.0  # > 1 discourages tokens already in prompt or output; 1 = off
-    max_new_tokens: int = 256
-    stop: tuple[str, ...] = ()  # stop at the first of these strings (it is left out of the text)
-    seed: int | None = None  # a seed makes sampling reproducible; None draws a fresh one
-    ignore_eos: bool = False  # keep going after <eos> (benchmarks: a fixed number of tokens)
+    temperature: float = setting(0.8, "Sampling temperature; 0 = greedy (argmax).", low=0, short="-t")
+    top_k: int = setting(0, "Keep the k most likely tokens; 0 = off.", low=0)
+    top_p: float = setting(1.0, "Nucleus sampling: keep the most likely tokens up to this probability; 1 = off.",
+                           low=0, low_open=True, high=1)
+    min_p: float = setting(0.0, "Keep tokens at least this fraction as likely as the top one; 0 = off.", low=0, high=1)
+    repetition_penalty: float = setting(1.0, "> 1 discourages tokens already seen; 1 = off.", low=0, low_open=True)
+    max_new_tokens: int = setting(256, "Tokens to generate at most.", low=1, short="-n")
+    stop: tuple[str, ...] = setting((), "Stop at this text, left out of the output (repeatable; on the command "
+                                        "line \\n is a line break).")
+    seed: int | None = setting(None, "Seed for reproducible sampling (default: a fresh one).")
+    ignore_eos: bool = setting(False, "Keep generating after <eos> (benchmarks: a fixed number of tokens).")
 
     def __post_init__(self):
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
-
-        def number(name):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-                raise ConfigError(f"{name} must be a number, got {value!r}")
-            return value
-
-        def integer(name):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"{name} must be an integer, got {value!r}")
-            return value
-
-        if not number("temperature") >= 0 or math.isinf(self.temperature):
-            raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if integer("top_k") < 0:
-            raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0.0 < number("top_p") <= 1.0:
-            raise ConfigError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
-        if not 0.0 <= number("min_p") <= 1.0:
-            raise ConfigError(f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
-        if not number("repetition_penalty") > 0 or math.isinf(self.repetition_penalty):
-            raise ConfigError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
-        if integer("max_new_tokens") < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        object.__setattr__(self, "stop", tuple(stop))
+        for name in _NUMBERS + _INTEGERS:  # check_ranges checks values; these are their types
+            value, integer = getattr(self, name), name in _INTEGERS
+            if (value is not None or name != "seed") and (isinstance(value, bool) or not isinstance(
+                    value, int if integer else (int, float))):
+                raise ConfigError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ConfigError(f"stop strings must be non-empty text, got {s!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ConfigError(f"seed must be an integer or None, got {self.seed!r}")
+        super().__post_init__()
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["stop"] = list(self.stop)
-        return d
 
 
 # --- logits processors (in place on float32 (B, V) logits) -------------------------------

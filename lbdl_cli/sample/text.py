@@ -8,6 +8,21 @@ from ..errors import ConfigError
 
 TokenCallback = Callable[[int, str], None]  # (result index, new text)
 STREAM_CONTEXT = 4  # prompt tokens decoded before the new ones, so a leading space survives
+ESCAPES = {"\\n": "\n", "\\t": "\t", "\\r": "\r", "\\\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """`\\n`, `\\t`, `\\r` and `\\\\` as typed on a command line (a --stop string), as the characters."""
+    out, i = [], 0
+    while i < len(text):
+        pair = text[i:i + 2]
+        if pair in ESCAPES:
+            out.append(ESCAPES[pair])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
 
 
 # --- prompts ----------------------------------------------------------------------------------

@@ -1,0 +1,138 @@
+"""`lbdl generate` as a library call: GenerateConfig (and SamplingConfig) round trips, stop strings as typed,
+generate_text on a tiny model directory: known text, streaming, several prompts, bad prompts, the slide warning."""
+
+from __future__ import annotations
+
+import pytest
+import test_sample
+
+from lbdl_cli.errors import ConfigError
+from lbdl_cli.progress import collect
+from lbdl_cli.sample import SamplingConfig, generate, load_for_inference
+from lbdl_cli.sample.run import GenerateConfig, generate_text, split_prompts, stop_strings
+from lbdl_cli.sample.text import unescape
+
+SEP = test_sample.SEP
+tok_dir, model_dir = test_sample.tok_dir, test_sample.model_dir  # the shared fixtures
+
+# --- configs ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", [
+    SamplingConfig(),
+    SamplingConfig(temperature=0.0, top_k=5, top_p=0.5, min_p=0.1, repetition_penalty=1.3, max_new_tokens=7,
+                   stop=("\n", "END"), seed=3, ignore_eos=True),
+    GenerateConfig(),
+    GenerateConfig(temperature=1.5, stop=("\\n",), seed=0, num_samples=3, each_line=True, dtype="bfloat16",
+                   device="cpu"),
+])
+def test_sampling_configs_round_trip(config):
+    cls = type(config)
+    assert cls.from_dict(config.to_dict()) == config
+    assert cls.from_toml(config.to_toml()) == config
+    assert isinstance(config.to_dict()["stop"], list)  # the to_dict shape: stop strings as a list
+
+
+@pytest.mark.parametrize("cls, name", [(SamplingConfig, "sampling config"), (GenerateConfig, "generate config")])
+def test_sampling_configs_refuse_an_unknown_key_by_name(cls, name):
+    with pytest.raises(ConfigError, match=f"{name}: unknown key 'temprature'"):
+        cls.from_dict({"temprature": 0.5})
+
+
+def test_generate_config_checks_its_own_and_the_sampling_fields():
+    with pytest.raises(ConfigError, match="num_samples"):
+        GenerateConfig(num_samples=0)
+    with pytest.raises(ConfigError, match="temperature"):
+        GenerateConfig(temperature=-1.0)
+    with pytest.raises(ConfigError, match="dtype"):
+        GenerateConfig(dtype="int3")
+    with pytest.raises(ConfigError, match="top_k must be an integer"):
+        GenerateConfig(top_k=1.5)
+
+
+def test_stop_strings_are_unescaped_once_in_the_sampling_view():
+    assert unescape(r"a\nb\tc\rd\\n") == "a\nb\tc\rd\\n"  # \\ is one backslash, so \\n is not a line break
+    assert stop_strings((r"\n", "END", "\n")) == ("\n", "END", "\n")
+    cfg = GenerateConfig(stop=(r"\n\n", "Q:"), temperature=0.0, max_new_tokens=9, seed=4, num_samples=2)
+    assert cfg.stop == (r"\n\n", "Q:")  # the config keeps what was typed, so it round-trips
+    assert cfg.sampling == SamplingConfig(stop=("\n\n", "Q:"), temperature=0.0, max_new_tokens=9, seed=4)
+    assert type(cfg.sampling) is SamplingConfig
+
+
+def test_split_prompts():
+    assert split_prompts("a\n\n b\n", each_line=False) == ["a\n\n b\n"]
+    assert split_prompts("a\n\n b\n", each_line=True) == ["a", " b"]
+    with pytest.raises(ConfigError, match="empty"):
+        split_prompts("")
+    with pytest.raises(ConfigError, match="no non-empty line"):
+        split_prompts("\n \n", each_line=True)
+
+
+# --- generate_text ----------------------------------------------------------------------------------
+
+
+def greedy_texts(model_dir, prompts, **kw):
+    model, tok_, _ = load_for_inference(model_dir)
+    return [g.text for g in generate(model, tok_, prompts, SamplingConfig(temperature=0.0, **kw))]
+
+
+def test_generate_text_streams_the_prompt_then_the_greedy_continuation(model_dir):
+    streamed = []
+    cfg = GenerateConfig(temperature=0.0, max_new_tokens=12)
+    result = generate_text(model_dir, "To be, or not", cfg, on_text=streamed.append)
+    [expected] = greedy_texts(model_dir, ["To be, or not"], max_new_tokens=12)
+    [g] = result["results"]
+    assert g["text"] == expected and g["new_tokens"] == 12 and g["finish_reason"] == "length"
+    assert streamed[0] == "To be, or not" and "".join(streamed) == "To be, or not" + expected
+    assert result["model"] == str(model_dir) and result["dtype"] == "float32" and result["device"] == "cpu"
+    assert result["sampling"] == cfg.sampling.to_dict() and result["num_samples"] == 1
+    assert result["new_tokens"] == 12 and result["prompt_tokens"] == g["prompt_tokens"]
+
+
+def test_generate_text_each_line_runs_every_line_and_streams_nothing(model_dir):
+    streamed = []
+    prompts = ["Hello", "Good night", "What light"]
+    cfg = GenerateConfig(temperature=0.0, max_new_tokens=6, each_line=True, num_samples=2)
+    result = generate_text(model_dir, "Hello\n\nGood night\n  \nWhat light\n", cfg, on_text=streamed.append)
+    assert streamed == []
+    assert [(g["prompt_index"], g["sample_index"]) for g in result["results"]] == [(p, s) for p in range(3)
+                                                                                  for s in range(2)]
+    assert [g["prompt"] for g in result["results"]] == [p for p in prompts for _ in range(2)]
+    expected = greedy_texts(model_dir, prompts, max_new_tokens=6)
+    assert [g["text"] for g in result["results"]] == [t for t in expected for _ in range(2)]
+
+
+def test_generate_text_cuts_at_a_stop_string_typed_with_escapes(model_dir):
+    [free] = greedy_texts(model_dir, ["First"], max_new_tokens=30)
+    stop = free[8:11]
+    typed = stop.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+    result = generate_text(model_dir, "First", GenerateConfig(temperature=0.0, max_new_tokens=30, stop=(typed,)))
+    [g] = result["results"]
+    assert g["text"] == free[:free.index(stop)] and g["finish_reason"] == "stop" and g["stop"] == stop
+    assert result["sampling"]["stop"] == [stop]
+
+
+@pytest.mark.parametrize("prompt, each_line, message", [
+    ("", False, "the prompt is empty"),
+    (" \n\n", True, "no non-empty line"),
+    (SEP, False, "only special tokens"),
+    ("fine\n" + SEP, True, "prompt 2 holds only special tokens"),
+])
+def test_generate_text_refuses_a_bad_prompt_before_writing_anything(model_dir, prompt, each_line, message):
+    streamed = []
+    with pytest.raises(ConfigError, match=message):
+        generate_text(model_dir, prompt, GenerateConfig(each_line=each_line, max_new_tokens=4),
+                      on_text=streamed.append)
+    assert streamed == []
+
+
+def test_a_sliding_window_is_one_warning_event(model_dir):
+    events = []
+    result = generate_text(model_dir, "To be, or not to be", GenerateConfig(temperature=0.0, max_new_tokens=150),
+                           progress=collect(events))
+    assert result["window_slides"] >= 1
+    assert [(e.stage, e.level) for e in events] == [("generate", "warning")]
+    assert "sliding the window" in events[0].message
+    quiet = []
+    generate_text(model_dir, "To be", GenerateConfig(temperature=0.0, max_new_tokens=5), progress=collect(quiet))
+    assert quiet == []  # it fits: nothing said
