@@ -80,7 +80,8 @@ def _read(files, config: TokenizerConfig, progress: Progress | None):
                 heldout.append(text)
                 held_chars += len(text) + 1
                 continue
-            pieces = [text[i:i + LINE_CHARS] for i in range(0, len(text), LINE_CHARS)]
+            pieces = [text] if len(text) <= LINE_CHARS else [text[i:i + LINE_CHARS]
+                                                             for i in range(0, len(text), LINE_CHARS)]
             for piece in pieces:
                 seen += 1
                 if not k or len(sample) < k:
