@@ -18,10 +18,11 @@ from the file and only count once touched).
 Perplexity: a trained model (the bundled default model, or --model) on the
 held-out paragraphs of tinyshakespeare (data/tinyshakespeare-val.txt, or
 --eval-file), each format quantized in memory and scored through the real
-runtime (`quant.sweep.sweep`, `lbdl_cli.evaluate.perplexity`, llama.cpp's
-convention), with the KL divergence of its predictions from the fp32 model's
-(llama.cpp's --kl-divergence). --figure also runs the full sweep (every type
-and recipe, with and without an importance matrix from --calib-chars
+runtime (`lbdl_cli.quantize.run_sweep`, `lbdl_cli.evaluate.perplexity`,
+llama.cpp's convention), with the KL divergence of its predictions from the
+fp32 model's (llama.cpp's --kl-divergence; the fp32 log-probabilities are kept
+once and each variant runs once). --figure also runs the full sweep (every
+type and recipe, with and without an importance matrix from --calib-chars
 characters of training paragraphs) and draws perplexity and KL divergence
 against size.
 """
@@ -41,7 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import cpu_name  # benchmarks/machine.py
+from machine import capabilities  # benchmarks/machine.py
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEED_VARIANTS = ("fp32", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q4_k/emb")  # q4_k/emb: embeddings q4_k too
@@ -118,7 +119,7 @@ def build_speed_models(root: Path, tokenizer: Path) -> dict[str, Path]:
     import torch
 
     from lbdl_cli.checkpoint import create_model, load_model, save_model
-    from quant.recipe import quantize_dir
+    from lbdl_cli.quantize import QuantizeConfig, quantize_dir
 
     dirs = {"fp32": root / "fp32"}
     create_model("gpt2-124m", dirs["fp32"], seed=0)
@@ -129,7 +130,7 @@ def build_speed_models(root: Path, tokenizer: Path) -> dict[str, Path]:
     for v in SPEED_VARIANTS[2:]:
         t, _, emb = v.partition("/")
         dirs[v] = root / v.replace("/", "-")
-        quantize_dir(dirs["fp32"], dirs[v], t, embeddings="same" if emb else "q8_0")
+        quantize_dir(dirs["fp32"], dirs[v], QuantizeConfig(type=t, **({"embeddings": "same"} if emb else {})))
     return dirs
 
 
@@ -154,39 +155,31 @@ def measure_speed(dirs: dict[str, Path], repeats: int, threads: int, new_tokens:
 
 
 def measure_perplexity(model_dir: Path, eval_file: Path) -> dict:
-    import torch
-
     from lbdl_cli.checkpoint import load_model
-    from lbdl_cli.evaluate import perplexity
+    from lbdl_cli.quantize import Reference, SweepConfig, run_sweep
     from quant.recipe import summarize
-    from quant.sweep import divergence, sweep
     from tokenizer import Tokenizer
 
-    result = sweep(model_dir, eval_file, types=list(PPL_TYPES), recipes=["pure"], dtype=torch.float32)
-    bf16, _ = load_model(model_dir, dtype=torch.bfloat16)
+    result = run_sweep(model_dir, eval_file, SweepConfig(types=PPL_TYPES, recipes=("pure",), dtype="float32"))
+    bf16, _ = load_model(model_dir, dtype="bfloat16")
     ids = Tokenizer.load(model_dir).encode(eval_file.read_text())
-    res = perplexity(bf16, ids, bf16.config.block_size)
+    fp32, _ = load_model(model_dir, dtype="float32")
+    res = Reference(fp32, ids, bf16.config.block_size).score(bf16)  # bf16's perplexity and its KL from fp32
     state = bf16.state_dict()
     stats = summarize({k: tuple(v.shape) for k, v in state.items()}, {k: 2 for k in state}, {})
     base = result["baseline"]["perplexity"]
-    fp32, _ = load_model(model_dir, dtype=torch.float32)
     result["bf16"] = {"name": "BF16", "bits_per_weight": stats["bits_per_weight"], "size_bytes": stats["weights_bytes"],
                       "perplexity": res["perplexity"], "std_error": res["std_error"], "delta": res["perplexity"] - base,
-                      "delta_pct": 100 * (res["perplexity"] / base - 1),
-                      **divergence(fp32, bf16, ids, bf16.config.block_size)}
+                      "delta_pct": 100 * (res["perplexity"] / base - 1), "kld": res["kld"], "same_top": res["same_top"]}
     return result
 
 
 # --- reporting --------------------------------------------------------------------------------------------
 
 
-def machine(threads: int) -> str:
-    cpu = cpu_name()
-    import torch
-
+def host(threads: int) -> str:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, Python {platform.python_version()}, "
-            f"torch {torch.__version__} (CPU capability {torch.backends.cpu.get_cpu_capability()}), "
+    return (f"{os.cpu_count()} cores, {mem:.0f} GiB RAM, Python {platform.python_version()}, "
             f"{threads} thread(s) per measurement")
 
 
@@ -199,13 +192,14 @@ def load_average() -> str:
 
 def speed_table(table: dict) -> str:
     fp = table["fp32"]
-    lines = ["| variant | size on disk (MiB) | resident after load (MiB) | vs fp32 | decode tokens/s (batch 1) | vs fp32 |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| variant | size on disk (MiB) | resident after load (MiB) | vs fp32 | decode tokens/s (batch 1) "
+             "| vs fp32 |", "|---|---:|---:|---:|---:|---:|"]
     for v, r in table.items():
         name = {"fp32": "fp32", "bf16": "bf16"}.get(v, v.upper().replace("/EMB", " (embeddings Q4_K too)"))
         lines.append(f"| {name} | {r['size_bytes'] / 2**20:.1f} "
                      f"| {r['resident_mb']:.0f} | {r['resident_mb'] / fp['resident_mb']:.2f} "
-                     f"| {r['decode_tokens_per_s']:.1f} | {r['decode_tokens_per_s'] / fp['decode_tokens_per_s']:.2f}x |")
+                     f"| {r['decode_tokens_per_s']:.1f} "
+                     f"| {r['decode_tokens_per_s'] / fp['decode_tokens_per_s']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -243,16 +237,18 @@ def main() -> None:
     import torch
 
     from lbdl_cli.checkpoint import default_model_dir
-    from quant.sweep import markdown_table, plot_sweep, sweep
+    from lbdl_cli.quantize import SweepConfig, markdown_table, plot_sweep, run_sweep
 
     torch.set_num_threads(args.threads)
 
-    print(f"Machine: {machine(args.threads)}")
+    print(f"Machine: {capabilities()}")
+    print(f"Host: {host(args.threads)}")
     print(f"Load average at start: {load_average()}")
     model_dir = Path(args.model) if args.model else default_model_dir()
     eval_file = Path(args.eval_file)
     held_out = set(eval_file.read_text().split("\n\n"))
-    train_paragraphs = [p for p in (ROOT / "data" / "tinyshakespeare.txt").read_text().split("\n\n") if p not in held_out]
+    paragraphs = (ROOT / "data" / "tinyshakespeare.txt").read_text().split("\n\n")
+    train_paragraphs = [p for p in paragraphs if p not in held_out]
     with tempfile.TemporaryDirectory(prefix="bench_quant_") as tmp:
         tmp = Path(tmp)
         calib_file = tmp / "calib.txt"  # calibration text: training paragraphs only
@@ -286,8 +282,9 @@ def main() -> None:
             t = time.perf_counter()
             sweep_file = tmp / "sweep_eval.txt"
             text = eval_file.read_text()
-            sweep_file.write_text(text[:text.rfind("\n\n", 0, args.sweep_chars)] if len(text) > args.sweep_chars else text)
-            full = sweep(model_dir, sweep_file, calibrate=calib_file, dtype=torch.float32)
+            cut = text.rfind("\n\n", 0, args.sweep_chars) if len(text) > args.sweep_chars else len(text)
+            sweep_file.write_text(text[:cut])
+            full = run_sweep(model_dir, sweep_file, SweepConfig(calibrate=str(calib_file), dtype="float32"))
             print(f"\n### Sweep: every type and recipe, round to nearest and with an importance matrix, on the "
                   f"first {sweep_file.stat().st_size} bytes of {eval_file.name} ({full['tokens']} scored tokens, "
                   f"{time.perf_counter() - t:.0f}s)\n")

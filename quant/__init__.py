@@ -10,9 +10,10 @@
 Three separate things, as in gpt-fast: pure functions tensor <-> packed bytes
 (`quant.formats`), a runtime module that keeps only packed weights
 (`quant.linear`), and recipes that decide which tensor gets which format
-(`quant.recipe`); `quant.calibrate` collects importance vectors and
-`quant.sweep` measures every type's size and perplexity. Names are loaded on
-first use, so importing `quant` costs nothing until they are.
+(`quant.recipe`); `quant.calibrate` collects importance vectors from a model
+and token ids. Work on model directories (quantizing one, the sweep) is in
+`lbdl_cli.quantize`. Names are loaded on first use, so importing `quant`
+costs nothing until they are.
 """
 
 from __future__ import annotations
@@ -26,9 +27,8 @@ _EXPORTS = {
     "QuantLinear": "linear", "QuantEmbedding": "linear", "QuantModule": "linear", "QuantWeight": "linear",
     "quantize_model": "linear", "prepare_quantized": "linear", "quant_modules": "linear",
     "set_backend": "linear", "int4_layout": "int4pack",
-    "RECIPES": "recipe", "Plan": "recipe", "plan": "recipe", "summarize": "recipe", "quantize_dir": "recipe",
-    "collect_importance": "calibrate", "importance_from_ids": "calibrate",
-    "sweep": "sweep", "plot_sweep": "sweep", "markdown_table": "sweep",
+    "RECIPES": "recipe", "Plan": "recipe", "plan": "recipe", "summarize": "recipe",
+    "importance_from_ids": "calibrate",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,19 +1,16 @@
-"""quant/recipe.py and quant/calibrate.py: which tensor gets which type, sizes, directories, importance."""
+"""quant/recipe.py and quant/calibrate.py: which tensor gets which type, sizes, importance (directories:
+test_quantize.py)."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
 import torch.nn as nn
+from conftest import tiny_model
 
-from lbdl_cli.checkpoint import load_model, model_info, save_model
 from quant.calibrate import importance_from_ids
 from quant.formats import QuantError
-from quant.recipe import plan, quantize_dir, summarize
-
-from conftest import tiny_model
+from quant.recipe import plan, summarize
 
 
 def shapes_of(model) -> dict:
@@ -82,28 +79,6 @@ def test_bits_per_weight_known_answer():
     assert stats["quantized_bits_per_weight"] == 4.5
 
 
-def test_quantize_dir_writes_a_safetensors_model_directory(tmp_path):
-    save_model(tiny_model(n_embd=64), tmp_path / "fp", sections={"source": {"preset": "x"}})
-    result = quantize_dir(tmp_path / "fp", tmp_path / "q", "q4_1", recipe="m")
-    files = sorted(p.name for p in (tmp_path / "q").iterdir())
-    assert files == ["config.json", "model.safetensors"]
-    config = json.loads((tmp_path / "q" / "config.json").read_text())
-    section = config["quantization"]
-    assert config["format_version"] == 1 and config["source"] == {"preset": "x"}
-    assert section["name"] == "Q4_1_M" and section["tensors"]["blocks.1.attn.v_proj.weight"] == "q5_1"
-    info = model_info(tmp_path / "q")
-    assert info["bits_per_weight"] == pytest.approx(result["bits_per_weight"])
-    assert section["bits_per_weight"] == pytest.approx(result["bits_per_weight"], abs=1e-4)
-    assert info["params"] == tiny_model(n_embd=64).num_params()
-    types = {t["name"]: t["type"] for t in info["tensors"]}
-    assert types["blocks.0.mlp.up_proj.weight"] == "q4_1" and types["blocks.0.norm1.weight"] == "F32"
-    assert {t["name"]: t["shape"] for t in info["tensors"]}["blocks.0.mlp.up_proj.weight"] == [256, 64]
-    assert result["weights_bytes"] < 0.25 * result["original_bytes"]
-    with pytest.raises(QuantError, match="already quantized \\(Q4_1_M\\)"):
-        quantize_dir(tmp_path / "q", tmp_path / "qq", "q4_0")
-    assert not (tmp_path / "qq").exists()
-
-
 def test_importance_is_the_mean_squared_input_of_each_column():
     torch.manual_seed(0)
     model = tiny_model(n_embd=64)
@@ -117,20 +92,3 @@ def test_importance_is_the_mean_squared_input_of_each_column():
     linear_names = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     assert set(importance) == linear_names | {"tok_emb.weight"}  # the tied head's input: the final norm
     assert importance["tok_emb.weight"].shape == (64,)
-
-
-def test_calibrated_quantization_is_recorded(tmp_path):
-    from tokenizer import train
-
-    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 40
-    (tmp_path / "t.txt").write_text(text)
-    tok = train([tmp_path / "t.txt"], vocab_size=300, out=tmp_path / "tok")
-    save_model(tiny_model(vocab_size=300, n_embd=64), tmp_path / "fp", tokenizer=tmp_path / "tok" / "tokenizer.model")
-    result = quantize_dir(tmp_path / "fp", tmp_path / "q", "q4_0", calibrate=tmp_path / "t.txt", ctx=16)
-    assert result["calibration"]["tokens"] >= 16 and tok.vocab_size == 300
-    _, config = load_model(tmp_path / "q")
-    assert config["quantization"]["calibration"]["ctx"] == 16
-    plain = quantize_dir(tmp_path / "fp", tmp_path / "q2", "q4_0")
-    assert plain["calibration"] is None
-    a = (tmp_path / "q" / "model.safetensors").read_bytes()
-    assert a != (tmp_path / "q2" / "model.safetensors").read_bytes()  # the importance changed the search
