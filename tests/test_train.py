@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from lbdl_cli.checkpoint import load_model
+from lbdl_cli.data import WindowSampler, unigram_loss
 from lbdl_cli.errors import ConfigError, DataError, RunFailed
 from lbdl_cli.model import GPT
+from lbdl_cli.progress import collect
 from lbdl_cli.train import TrainConfig, resolve
-from lbdl_cli.data import WindowSampler, unigram_loss
 from lbdl_cli.train.loop import Trainer, param_groups, resume_config, train
 from lbdl_cli.train.schedule import lr_at
 
@@ -125,9 +126,9 @@ def test_run_directory_and_learning(shards, tmp_path):
     events = []
     cfg = {**SMALL, "batch_size": 8, "context": 64, "eval_interval": 20}
     result = train(TrainConfig(data=str(shards), out=str(tmp_path / "run"), max_steps=80, lr=3e-3, **cfg),
-                   lambda kind, **d: events.append((kind, d)))
+                   collect(events))
     run = tmp_path / "run"
-    start = next(d for k, d in events if k == "start")
+    start = events[0].data
     assert abs(start["initial_loss"] - math.log(512)) < 0.3
     assert result["best_val_loss"] < start["unigram_loss"] < start["initial_loss"]
     for name in ("best", "last"):
@@ -140,12 +141,22 @@ def test_run_directory_and_learning(shards, tmp_path):
     assert [m["step"] for m in metrics if "val_loss" in m] == [20, 40, 60, 80]
     assert all({"lr", "grad_norm", "tokens_per_s", "mfu"} <= m.keys() for m in metrics if "loss" in m)
     assert sorted(p.name for p in (run / "ckpt").iterdir()) == ["step-0000080"]  # best and last
+    # progress: stage "train", done = the step; the step records and the evaluations as metrics.jsonl has them
+    assert {(e.stage, e.total, e.unit) for e in events} == {("train", 80, "steps")}
+    assert events[0].done == 0 and "parameters" in events[0].message and start["total_steps"] == 80
+    assert [e.data for e in events if "loss" in e.data] == [m for m in metrics if "loss" in m]
+    assert [e.data for e in events if "val_loss" in e.data] == [m for m in metrics if "val_loss" in m]
+    assert [e.done for e in events if not e.message] == list(range(1, 81))  # one event a step, and messages
+    assert all(e.status.startswith("loss ") and " tok/s " in e.status and " MFU " in e.status for e in events[1:])
+    evals = [e for e in events if "val_loss" in e.data]
+    assert [e.message.split(":")[0] for e in evals] == ["step 20", "step 40", "step 60", "step 80"]
+    assert not any(e.level == "warning" for e in events)
 
 
 def test_warns_when_the_initial_loss_is_far_from_ln_vocab(shards, tmp_path, monkeypatch):
-    import lbdl_cli.train.loop as loop
+    import lbdl_cli.train.pretrain as pretrain
 
-    real = loop.build_model
+    real = pretrain.build_model
 
     def badly_initialised(*args):
         model, sections = real(*args)
@@ -153,11 +164,10 @@ def test_warns_when_the_initial_loss_is_far_from_ln_vocab(shards, tmp_path, monk
             model.norm_f.weight.mul_(100.0)  # logits 100x too large: a loss far above ln(V)
         return model, sections
 
-    monkeypatch.setattr(loop, "build_model", badly_initialised)
+    monkeypatch.setattr(pretrain, "build_model", badly_initialised)
     events = []
-    train(TrainConfig(data=str(shards), out=str(tmp_path / "run"), max_steps=1, **SMALL),
-          lambda kind, **d: events.append((kind, d)))
-    warnings = [d["message"] for k, d in events if k == "warn"]
+    train(TrainConfig(data=str(shards), out=str(tmp_path / "run"), max_steps=1, **SMALL), collect(events))
+    warnings = [e.message for e in events if e.level == "warning"]
     assert len(warnings) == 1 and "more than 0.5 from ln(V) = 6.238" in warnings[0]
 
 
@@ -189,7 +199,10 @@ def test_resume_after_sigkill_is_bit_identical(shards, tmp_path, dtype):
     assert_same_weights(tmp_path / "ref" / "last", tmp_path / "run" / "last")
     ref_metrics = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
     run_metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    strip = lambda ms: [{k: v for k, v in m.items() if k not in ("tokens_per_s", "mfu")} for m in ms]
+
+    def strip(ms):
+        return [{k: v for k, v in m.items() if k not in ("tokens_per_s", "mfu")} for m in ms]
+
     assert strip(ref_metrics) == strip(run_metrics)
 
 
@@ -220,7 +233,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_pa
         return loss * math.nan if self.step >= 7 else loss
 
     monkeypatch.setattr(Trainer, "_loss", poisoned)
-    with pytest.raises(RunFailed, match=r"loss became nan at step 8; stopped\. Last good checkpoint: .*last \(step 5\)"):
+    with pytest.raises(RunFailed,
+                       match=r"loss became nan at step 8; stopped\. Last good checkpoint: .*last \(step 5\)"):
         train(TrainConfig(data=str(shards), out=str(tmp_path / "run"), max_steps=20, **SMALL))
     model, config = load_model(tmp_path / "run" / "last")
     assert config["training"]["step"] == 5
@@ -268,7 +282,7 @@ def test_train_command(shards, tmp_path, cli):
 
 def test_refuses_context_longer_than_block_size(shards, tmp_path):
     with pytest.raises(ConfigError, match="--context 300 is longer than the model's block_size 256"):
-        Trainer(TrainConfig(data=str(shards), out=str(tmp_path / "run"), **{**SMALL, "context": 300}))
+        train(TrainConfig(data=str(shards), out=str(tmp_path / "run"), **{**SMALL, "context": 300}))
     assert not (tmp_path / "run").exists()
 
 
@@ -281,8 +295,9 @@ def test_refuses_a_directory_holding_another_run(shards, tmp_path):
 
 
 def test_refuses_batches_that_do_not_fit(shards, tmp_path):
-    with pytest.raises(ConfigError, match=r"a step of 1000 x 1 x 1 sequences .* is more than the .* windows of the training shard"):
-        Trainer(TrainConfig(data=str(shards), out=str(tmp_path / "run"), **{**SMALL, "batch_size": 1000, "context": 256}))
+    with pytest.raises(ConfigError,
+                       match=r"a step of 1000 x 1 x 1 sequences .* is more than the .* windows of the training shard"):
+        train(TrainConfig(data=str(shards), out=str(tmp_path / "run"), **{**SMALL, "batch_size": 1000, "context": 256}))
     assert not (tmp_path / "run").exists()
     with pytest.raises(DataError, match="the validation shard has 100 tokens, fewer than one window of context 128"):
         WindowSampler(np.zeros(100, dtype=np.uint16), 128, 0, name="validation")
@@ -292,8 +307,8 @@ def test_fine_tune_refuses_another_tokenizer(shards, tmp_path):
     train(TrainConfig(data=str(shards), out=str(tmp_path / "base"), max_steps=2, **SMALL))
     other = make_shards(tmp_path, "other", 400, (ROOT / "data" / "tinyshakespeare.txt").read_text()[200_000:260_000])
     with pytest.raises(DataError, match="different tokenizer"):
-        Trainer(TrainConfig(data=str(other), out=str(tmp_path / "ft"), init_from=str(tmp_path / "base" / "last"),
-                            **{k: v for k, v in SMALL.items() if k != "preset"}))
+        train(TrainConfig(data=str(other), out=str(tmp_path / "ft"), init_from=str(tmp_path / "base" / "last"),
+                          **{k: v for k, v in SMALL.items() if k != "preset"}))
     assert not (tmp_path / "ft").exists()
 
 
@@ -303,10 +318,10 @@ def test_fine_tune_starts_from_the_model_with_a_smaller_lr(shards, tmp_path):
     cfg = TrainConfig(data=str(shards), out=str(tmp_path / "ft"), init_from=str(tmp_path / "base" / "last"),
                       max_steps=3, warmup=0, schedule="constant", **{k: v for k, v in SMALL.items() if k != "preset"})
     assert cfg.base_lr == 1e-4
-    train(cfg, lambda kind, **d: events.append((kind, d)))
-    start = next(d for k, d in events if k == "start")
+    train(cfg, collect(events))
+    start = events[0].data
     assert start["initial_loss"] < math.log(512) - 1.0  # it starts from the trained weights
-    assert {d["lr"] for k, d in events if k == "step"} == {1e-4}
+    assert [e.data["lr"] for e in events if "lr" in e.data] == [1e-4] * 3
 
 
 def test_toml_config_and_flag_override(tmp_path):
@@ -318,7 +333,7 @@ def test_toml_config_and_flag_override(tmp_path):
     with pytest.raises(ConfigError, match="lr must be a float"):
         resolve(str(path), {})
     path.write_text("learning_rate = 1\n")
-    with pytest.raises(ConfigError, match=f"config file {path}: unknown field"):
+    with pytest.raises(ConfigError, match=f"config file {path}: unknown key 'learning_rate'"):
         resolve(str(path), {})
 
 
@@ -327,8 +342,43 @@ def test_train_config_validation():
         TrainConfig(schedule="linear")
     with pytest.raises(ConfigError, match="not both"):
         TrainConfig(preset="nano", init_from="x")
-    with pytest.raises(ConfigError, match="batch_size must be >= 1"):
+    with pytest.raises(ConfigError, match=r"batch_size must be in \[1, inf\], got 0"):
         TrainConfig(batch_size=0)
+    for bad in ({"beta1": 1.0}, {"dropout": 1.0}, {"lr": 0.0}, {"min_lr": -1.0}, {"context": 0}, {"max_steps": 0}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            TrainConfig(**bad)
+
+
+def test_train_config_defaults_are_none_and_round_trip(tmp_path):
+    default = TrainConfig()
+    assert (default.lr, default.min_lr, default.dropout, default.context, default.max_steps) == (None,) * 5
+    assert (default.base_lr, default.floor_lr) == (1e-3, 1e-4)
+    assert (TrainConfig(init_from="m").base_lr, TrainConfig(lr=0.02, min_lr=0.0).floor_lr) == (1e-4, 0.0)
+    cfg = TrainConfig(data="d", out="o", preset="nano", max_steps=30, lr=2e-3, dropout=0.0, peak_tflops=1.0,
+                      schedule="step", compile=True)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert TrainConfig.from_toml(cfg.to_toml()) == cfg
+    assert TrainConfig.from_toml(cfg.to_toml(table="train"), table="train") == cfg
+    (tmp_path / "t.toml").write_text(cfg.to_toml(table="train"))
+    assert resolve(str(tmp_path / "t.toml"), {}) == cfg
+    assert TrainConfig.from_dict(json.loads(json.dumps(default.to_dict()))) == default  # train_config.json
+    with pytest.raises(ConfigError, match="unknown key 'max_step'"):
+        TrainConfig.from_dict({"max_step": 3})
+
+
+@pytest.mark.parametrize("job", ["train", "lr_find"])
+def test_an_error_after_the_distributed_setup_tears_it_down(shards, tmp_path, monkeypatch, job):
+    from lbdl_cli.train import distributed
+    from lbdl_cli.train.lr_find import lr_find
+
+    calls = []
+    setup, teardown = distributed.setup, distributed.teardown
+    monkeypatch.setattr(distributed, "setup", lambda device: calls.append(("setup", device)) or setup(device))
+    monkeypatch.setattr(distributed, "teardown", lambda d: calls.append(("teardown", d.device)) or teardown(d))
+    cfg = TrainConfig(data=str(shards), out=str(tmp_path / "run"), **{**SMALL, "context": 300, "device": "cpu"})
+    with pytest.raises(ConfigError, match="longer than the model's block_size"):
+        train(cfg) if job == "train" else lr_find(cfg, steps=1)
+    assert calls == [("setup", "cpu"), ("teardown", "cpu")]
 
 
 def test_resume_of_a_non_run_is_refused(tmp_path):
@@ -351,7 +401,10 @@ def test_two_processes_match_one_process(shards, tmp_path, mode):
                           *(["--fsdp"] if mode == "fsdp" else []),
                           "--out", str(tmp_path / "ddp")], capture_output=True, text=True, env=env)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
-    read = lambda run: [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+    def read(run):
+        return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
     a, b = read(tmp_path / "single"), read(tmp_path / "ddp")
     assert [m["step"] for m in a] == [m["step"] for m in b]
     for x, y in zip(a, b):
@@ -368,8 +421,11 @@ def test_lr_find_suggests_the_largest_stable_lr(shards):
     from lbdl_cli.train.lr_find import lr_find
 
     cfg = TrainConfig(data=str(shards), **{**SMALL, "eval_batches": 1})
-    result = lr_find(cfg, steps=6, lrs=[1e-4, 3e-3, 1e3])
+    events = []
+    result = lr_find(cfg, steps=6, lrs=[1e-4, 3e-3, 1e3], progress=collect(events))
     rows = {r["lr"]: r for r in result["rows"]}
+    assert [(e.stage, e.done, e.total, e.unit, e.data) for e in events] == [
+        ("lr-find", i + 1, 3, "lrs", row) for i, row in enumerate(result["rows"])]
     assert rows[1e3]["diverged"] and not rows[3e-3]["diverged"]
     assert rows[3e-3]["loss"] < rows[1e-4]["loss"] < result["initial_loss"]
     assert result["suggested_lr"] == 3e-3

@@ -1,4 +1,5 @@
-"""Training: pretraining from a preset and full fine-tuning (`lbdl train`).
+"""Training: pretraining from a preset and full fine-tuning (`lbdl train`), on one loop that other kinds of
+training reuse through its parts (parts.py).
 
 `config` is light (the CLI reads it to build its flags); the loop, which
 imports torch, loads on first use.
@@ -6,14 +7,15 @@ imports torch, loads on first use.
 
 from .config import TrainConfig, resolve
 
-_LAZY = {"Trainer", "train", "resume_config", "Interrupted", "lr_find"}
+_LAZY = {"Trainer": "loop", "train": "loop", "resume_config": "loop", "Interrupted": "loop", "lr_find": "lr_find",
+         "Parts": "parts", "pretraining_parts": "pretrain"}
 
 
 def __getattr__(name):
     if name in _LAZY:
-        from . import loop, lr_find as _lr_find
+        import importlib
 
-        return _lr_find.lr_find if name == "lr_find" else getattr(loop, name)
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
     raise AttributeError(name)
 
 

@@ -5,11 +5,14 @@ gloo on CPU, nccl on CUDA. Rank 0 alone writes files and reports progress.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from ..kernels import resolve_device
 
 
 @dataclass
@@ -68,6 +71,16 @@ def setup(device: str) -> Dist:
 def teardown(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def session(device: str | None):
+    """The Dist of this process on `device` (auto | cpu | cuda | cuda:N), torn down however the block ends."""
+    d = setup(str(resolve_device(device)))
+    try:
+        yield d
+    finally:
+        teardown(d)
 
 
 def wrap(model: torch.nn.Module, d: Dist, fsdp: bool) -> torch.nn.Module:

@@ -1,9 +1,15 @@
-"""The training loop: pretraining from a preset, or full fine-tuning of a model.
+"""The training loop, shared by every kind of training: pretraining from a preset, full fine-tuning of a
+model, and fine-tuning with adapters, each of which hands the loop its `Parts` (parts.py).
 
 AdamW with weight decay on matrices only, warmup + cosine (or constant / step)
 schedule, gradient clipping and accumulation, periodic evaluation with the
 best checkpoint kept and early stopping, bf16 autocast with fp32 master
-weights, optional torch.compile, DDP/FSDP under torchrun, exact resume.
+weights, optional torch.compile, DDP/FSDP under torchrun, exact resume, Ctrl-C.
+
+Progress (rank 0 only) goes to `lbdl_cli.progress.report` under the stage "train", `done` the step:
+the start's summary and each evaluation as a message (data: the start's numbers, the evaluation's
+record), every step a status ("loss .. lr .. tok/s .. MFU ..") with, every log_interval steps, the
+step's record (as in metrics.jsonl) as data; warnings with level "warning".
 """
 
 from __future__ import annotations
@@ -19,16 +25,17 @@ from typing import Callable
 
 import torch
 
-from ..checkpoint import TOKENIZER_FILE, load_model, load_preset, write_json
-from ..data import check_tokenizer, load_shards
-from ..errors import ConfigError, DataError, RunFailed
-from ..model import GPT, flops_per_token
+from ..checkpoint import write_json
+from ..errors import ConfigError, RunFailed
+from ..files import read_text
+from ..model import flops_per_token
+from ..progress import Progress, report
 from . import distributed, state
-from ..data import WindowSampler, eval_batches, unigram_loss
-from .config import TrainConfig
+from .config import DEFAULT_EPOCHS, OVERFIT_STEPS, TrainConfig
+from .distributed import Dist
+from .parts import Parts
+from .pretrain import pretraining_parts
 from .schedule import lr_at
-
-Event = Callable[..., None]
 
 
 class Interrupted(RunFailed):
@@ -38,16 +45,6 @@ class Interrupted(RunFailed):
 
 
 # --- set-up helpers --------------------------------------------------------------
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise ConfigError(f"unknown device {name!r}; choose auto, cpu or cuda")
-    return name
 
 
 def autocast_dtype(name: str, device: str) -> torch.dtype | None:
@@ -98,150 +95,136 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_model(cfg: TrainConfig, meta: dict, data_dir: Path) -> tuple[GPT, dict]:
-    """A fresh model from the preset (vocabulary from the data), or the model to fine-tune."""
-    if cfg.init_from:
-        model, config = load_model(cfg.init_from, dtype=torch.float32)
-        if not (Path(cfg.init_from) / TOKENIZER_FILE).is_file():
-            raise DataError(f"{cfg.init_from} has no {TOKENIZER_FILE}; fine-tuning needs the model's tokenizer")
-        check_tokenizer(meta, cfg.init_from, data_dir)
-        if model.config.vocab_size < meta["vocab_size"]:
-            raise DataError(f"{cfg.init_from} has {model.config.vocab_size} tokens, fewer than the data's {meta['vocab_size']}")
-        sections = {k: config[k] for k in ("tokenizer",) if k in config}
-        if cfg.dropout != -1.0:
-            model.set_dropout(cfg.dropout)
-        return model.train(), sections
-    if not cfg.preset:
-        raise ConfigError("give --preset NAME to pretrain a new model or --init-from MODEL to fine-tune one")
-    model_cfg, _ = load_preset(cfg.preset)
-    changes = {"vocab_size": meta["vocab_size"]}
-    if cfg.dropout != -1.0:
-        changes["dropout"] = cfg.dropout
-    torch.manual_seed(cfg.seed)
-    return GPT(model_cfg.replace(**changes)), {}
+@contextlib.contextmanager
+def ctrl_c():
+    """Yield a function that tells whether Ctrl-C was pressed in the block; a second press stops at once.
+    Outside the main thread (tests) no handler is set and it stays False."""
+    pressed = [False]
+
+    def on_sigint(signum, frame):
+        if pressed[0]:
+            raise KeyboardInterrupt
+        pressed[0] = True
+
+    try:
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread
+        yield lambda: False
+        return
+    try:
+        yield lambda: pressed[0]
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # --- the loop ----------------------------------------------------------------------
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, on_event: Event | None = None, resume: bool = False, force: bool = False):
-        self.cfg, self.emit = cfg, on_event or (lambda kind, **data: None)
-        self.resume, self.replace_run = resume, False
-        self.dist = distributed.setup(resolve_device(cfg.device))
-        self.device = self.dist.device
+    """Trains `parts.model` on `parts.sampler`'s batches: fit() runs the phases start, train_step, log_step,
+    validate, checkpoint and finish; lr-find drives first_loss and train_step itself."""
+
+    def __init__(self, cfg: TrainConfig, parts: Parts, dist: Dist, progress: Progress | None = None,
+                 resume: bool = False, force: bool = False):
+        self.cfg, self.parts, self.dist, self.progress, self.resume = cfg, parts, dist, progress, resume
+        self.device = dist.device
         self.amp = autocast_dtype(cfg.dtype, self.device)
-        self.run = Path(cfg.out)
-        if not cfg.data:
-            raise ConfigError("give --data SHARDS (a directory made by `lbdl data prepare`)")
-        if not cfg.out:
-            raise ConfigError("give --out RUN, the run directory to write")
-        self._check_run_dir(force)
-        self.data_dir = Path(cfg.data)
-        self.train_tokens, self.val_tokens, self.meta = load_shards(cfg.data)
-        self.tokenizer = self.data_dir / TOKENIZER_FILE
-        if not self.tokenizer.is_file():
-            raise DataError(f"{self.data_dir} has no {TOKENIZER_FILE}; re-run `lbdl data prepare`")
-        check_tokenizer(self.meta, self.tokenizer, self.data_dir)
-        self.model, self.sections = build_model(cfg, self.meta, self.data_dir)
-        mc = self.model.config
-        self.context = cfg.context or mc.block_size
-        if self.context > mc.block_size:
-            raise ConfigError(f"--context {self.context} is longer than the model's block_size {mc.block_size}; "
-                              f"use --context {mc.block_size} or less")
-        self.sampler = WindowSampler(self.train_tokens, self.context, cfg.seed)
-        # the validation set is fixed by the global batch; each rank scores its slice of every batch
-        B, r = cfg.batch_size, self.dist.rank
-        self.val = [(x[r * B:(r + 1) * B], y[r * B:(r + 1) * B]) for x, y in
-                    eval_batches(self.val_tokens, self.context, B * self.dist.world, cfg.eval_batches, cfg.seed)]
-        self.samples_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world
-        if self.samples_per_step > self.sampler.n_windows:
+        self.run = Path(cfg.out) if cfg.out else None  # lr-find trains without a run directory
+        self.replace_run = self.run is not None and state.check_run_dir(self.run, resume, force)
+        self.model, self.sampler, self.val, self.context = parts.model, parts.sampler, parts.val, parts.context
+        self.samples_per_step = cfg.batch_size * cfg.grad_accum * dist.world
+        if self.samples_per_step > parts.n_samples:
             raise ConfigError(
-                f"a step of {cfg.batch_size} x {cfg.grad_accum} x {self.dist.world} sequences (batch x accum x ranks) "
-                f"is more than the {self.sampler.n_windows} windows of the training shard at context {self.context}; "
+                f"a step of {cfg.batch_size} x {cfg.grad_accum} x {dist.world} sequences (batch x accum x ranks) "
+                f"is more than the {parts.n_samples} {parts.samples}; "
                 f"lower --batch-size, --grad-accum or --context, or use more data")
         self.tokens_per_step = self.samples_per_step * self.context
         self.total_steps = self._total_steps()
         self.model.to(self.device)
-        self.net = distributed.wrap(self.model, self.dist, cfg.fsdp)  # before the optimizer: FSDP swaps parameters
+        self.net = distributed.wrap(self.model, dist, cfg.fsdp)  # before the optimizer: FSDP swaps parameters
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.base_lr,
                                            betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
         if cfg.compile:
             self.net = torch.compile(self.net)
-        self.step, self.best_val, self.bad_evals, self.tokens_seen = 0, math.inf, 0, 0
-        self.best_step = None
-
-    # --- checks ----------------------------------------------------------------
-
-    def _check_run_dir(self, force: bool):
-        run = self.run
-        if self.resume:
-            if not (run / "last").exists():
-                raise ConfigError(f"{run} has no last/ checkpoint to resume from")
-            return
-        if run.exists() and any(run.iterdir()):
-            if not force:
-                what = "another run" if state.is_run(run) else "files"
-                raise ConfigError(f"{run} already holds {what}; pass --resume {run} to continue it or --force to start over")
-            self.replace_run = True  # removed once every other check has passed (in fit)
+        self.step, self.tokens_seen, self.best_val, self.best_step, self.bad_evals = 0, 0, math.inf, None, 0
+        self.last_val, self.rate, self.shown = None, None, None  # last: validation loss, (tokens/s, MFU), (loss, lr)
+        self.rng_after = self._rng()
 
     def _total_steps(self) -> int:
         cfg = self.cfg
-        if cfg.max_steps:
+        if cfg.max_steps is not None:
             return cfg.max_steps
         if cfg.overfit_batch:
-            return 200
-        if cfg.max_tokens:
+            return OVERFIT_STEPS
+        if cfg.max_tokens is not None:
             return max(1, math.ceil(cfg.max_tokens / self.tokens_per_step))
-        epochs = cfg.epochs or 5.0
-        return max(1, math.ceil(epochs * self.sampler.n_windows / self.samples_per_step))
+        epochs = cfg.epochs if cfg.epochs is not None else DEFAULT_EPOCHS
+        return max(1, math.ceil(epochs * self.parts.n_samples / self.samples_per_step))
 
-    # --- pieces of a step ------------------------------------------------------
+    # --- the run, phase by phase -------------------------------------------------------
 
-    def _loss(self, x, y):
-        with autocast(self.device, self.amp):
-            return self.net(x, targets=y)
+    def fit(self) -> dict:
+        cfg = self.cfg
+        self.start()
+        stop_reason, loss = "max_steps", math.nan
+        with ctrl_c() as pressed:
+            while self.step < self.total_steps:
+                # Ctrl-C on any rank: every rank checkpoints, then the run stops (exit 130)
+                if self.dist.any(pressed()):
+                    self.checkpoint(best=False)
+                    raise Interrupted(f"interrupted at step {self.step}; checkpoint written to {self.run / 'last'} "
+                                      f"(continue with --resume {self.run})")
+                # forward, backward and update: one optimizer step
+                loss, grad_norm, lr = self.train_step()
+                # a loss that is not finite stops the run: the last checkpoint is the last good one
+                if not math.isfinite(loss):
+                    raise self._diverged(loss)
+                # metrics.jsonl and the progress listener
+                self.log_step(loss, grad_norm, lr)
+                # evaluate and checkpoint (last; best when improved); stop early when patience ran out
+                if self.step % cfg.eval_interval == 0 or self.step == self.total_steps:
+                    self.checkpoint(best=self.validate())
+                    if cfg.patience and self.bad_evals >= cfg.patience:
+                        stop_reason = "early_stopping"
+                        break
+        return self.finish(stop_reason, loss)
 
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        self.net.eval()
-        total, count = 0.0, 0
-        for x, y in self.val:
-            if len(x):
-                total += self._loss(x.to(self.device), y.to(self.device)).item() * x.shape[0]
-                count += x.shape[0]
-        self.net.train()
-        total, count = self.dist.sum(total), self.dist.sum(count)
-        return total / count
+    def start(self) -> None:
+        """Restore the last checkpoint (--resume) or begin a fresh run directory; write train_config.json;
+        measure the first loss; report the summary."""
+        cfg, d = self.cfg, self.dist
+        if self.run is None:
+            raise ConfigError("give --out RUN, the run directory to write")
+        if self.resume:
+            self.restore()
+        elif d.main and self.replace_run:
+            shutil.rmtree(self.run)
+        if d.main:  # on resume too: flags given then (a longer --max-steps, say) are part of the run now
+            self.run.mkdir(parents=True, exist_ok=True)
+            write_json(self.run / state.TRAIN_CONFIG, cfg.to_dict())
+        d.barrier()
+        self.peak = cfg.peak_tflops if cfg.peak_tflops is not None else measure_peak_tflops(self.device, self.amp)
+        self.flops = flops_per_token(self.model.config, self.context, training=True)
+        self.baseline = self.parts.baseline() if self.parts.baseline else None
+        self.initial = self.first_loss()
+        ln_v = math.log(self.model.config.vocab_size)
+        info = dict(total_steps=self.total_steps, start_step=self.step, params=self.model.num_params(),
+                    tokens_per_step=self.tokens_per_step, initial_loss=self.initial, ln_vocab=ln_v,
+                    unigram_loss=self.baseline, peak_tflops=self.peak, world=d.world, device=self.device,
+                    dtype="bfloat16" if self.amp else "float32", context=self.context)
+        baseline = "" if self.baseline is None else f"; unigram baseline val loss {self.baseline:.3f}"
+        self._report(message=f"{info['params'] / 1e6:.2f}M parameters, {self.tokens_per_step:,} tokens/step, "
+                             f"context {self.context}, {self.device} {info['dtype']}, {d.world} process(es); "
+                             f"peak {self.peak:.2f} TFLOP/s per process\n"
+                             f"initial loss {self.initial:.3f} (ln V = {ln_v:.3f}){baseline}", data=info)
+        if self.parts.fresh and not self.resume and abs(self.initial - ln_v) > 0.5:
+            self._report(message=f"initial loss {self.initial:.3f} is more than 0.5 from ln(V) = {ln_v:.3f}: "
+                                 f"check the initialisation and the data", level="warning")
+        self._t_last, self._tokens_last = time.perf_counter(), self.tokens_seen
 
-    def _rng(self) -> dict:
-        rng = {"cpu": torch.get_rng_state()}
-        if self.device.startswith("cuda"):
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return rng
-
-    def _set_rng(self, rng: dict):
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and self.device.startswith("cuda"):
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
-
-    def _save(self, best: bool):
-        """Checkpoint (a collective under FSDP: every rank gathers, rank 0 writes)."""
-        trainer = {"best_val": self.best_val if math.isfinite(self.best_val) else None, "best_step": self.best_step,
-                   "bad_evals": self.bad_evals, "tokens_seen": self.tokens_seen, "total_steps": self.total_steps}
-        sections = {**self.sections, "training": {"step": self.step, "val_loss": self.last_val,
-                                                  "data": str(self.data_dir)}}
-        model_state, optim_state = distributed.full_state(self.model, self.optimizer)
-        if self.dist.main:
-            state.save_checkpoint(self.run, self.step, self.model.config, model_state, optim_state, trainer,
-                                  self.rng_after, self.tokenizer, sections, best)
-        self.dist.barrier()
-
-    def _restore(self):
-        last = (self.run / "last").resolve()
-        loaded, _ = load_model(last, dtype=torch.float32)
-        trainer, optim_state, rng = state.load_trainer_state(last)
-        distributed.load_full_state(self.model, self.optimizer, loaded.state_dict(), optim_state)
+    def restore(self) -> None:
+        """The trainable state, the optimizer, the bookkeeping and the RNG of the run's last checkpoint."""
+        trainer, rng = self.parts.checkpoints.load(self.run, self.model, self.optimizer)
         self.step = trainer["step"]
         self.best_val = trainer["best_val"] if trainer["best_val"] is not None else math.inf
         self.best_step, self.bad_evals = trainer["best_step"], trainer["bad_evals"]
@@ -250,103 +233,18 @@ class Trainer:
         if self.dist.main:
             state.truncate_metrics(self.run, self.step)
 
-    def _log(self, record: dict):
-        if self.dist.main:
-            state.append_metrics(self.run, record)
-
-    # --- run ----------------------------------------------------------------------
-
-    def fit(self) -> dict:
-        cfg, d = self.cfg, self.dist
-        if self.resume:
-            self._restore()
-        elif d.main and self.replace_run:
-            shutil.rmtree(self.run)
-        if d.main:  # on resume too: flags given then (a longer --max-steps, say) are part of the run now
-            self.run.mkdir(parents=True, exist_ok=True)
-            write_json(self.run / state.TRAIN_CONFIG, cfg.to_dict())
-        d.barrier()
-        peak = cfg.peak_tflops or measure_peak_tflops(self.device, self.amp)
-        flops = flops_per_token(self.model.config, self.context, training=True)
-        baseline = unigram_loss(self.train_tokens, self.val_tokens, self.meta["vocab_size"])
-        ln_v = math.log(self.model.config.vocab_size)
-        x0, y0 = self.sampler.batch(0, cfg.batch_size, self.device)
+    @torch.no_grad()
+    def first_loss(self) -> float:
+        """The loss of the model as it stands on the run's first batch, without dropout."""
+        x, y = self.sampler.batch(0, self.cfg.batch_size, self.device)
         self.net.eval()
-        with torch.no_grad():
-            initial = d.mean(self._loss(x0, y0).item())
+        loss = self.dist.mean(self._loss(x, y).item())
         self.net.train()
-        start_info = dict(total_steps=self.total_steps, start_step=self.step, params=self.model.num_params(),
-                          tokens_per_step=self.tokens_per_step, initial_loss=initial, ln_vocab=ln_v,
-                          unigram_loss=baseline, peak_tflops=peak, world=d.world, device=self.device,
-                          dtype="bfloat16" if self.amp else "float32", context=self.context)
-        if d.main:
-            self.emit("start", **start_info)
-            if not cfg.init_from and not self.resume and abs(initial - ln_v) > 0.5:
-                self.emit("warn", message=f"initial loss {initial:.3f} is more than 0.5 from ln(V) = {ln_v:.3f}: "
-                                          f"check the initialisation and the data")
-        self.last_val = None
-        self.rng_after = self._rng()
-        stop_reason = "max_steps"
-        interrupted = {"flag": False}
-        previous = signal.getsignal(signal.SIGINT)
+        return loss
 
-        def on_sigint(signum, frame):
-            if interrupted["flag"]:  # a second Ctrl-C stops at once
-                raise KeyboardInterrupt
-            interrupted["flag"] = True
-
-        in_main_thread = True
-        try:
-            signal.signal(signal.SIGINT, on_sigint)
-        except ValueError:  # not the main thread (tests): no handler
-            in_main_thread = False
-        try:
-            t_last, tokens_last = time.perf_counter(), self.tokens_seen
-            loss = math.nan
-            while self.step < self.total_steps:
-                if d.any(interrupted["flag"]):
-                    self._save(best=False)
-                    raise Interrupted(f"interrupted at step {self.step}; checkpoint written to {self.run / 'last'} "
-                                      f"(continue with --resume {self.run})")
-                loss, grad_norm, lr = self._train_step()
-                self.step += 1
-                self.tokens_seen += self.tokens_per_step
-                if not math.isfinite(loss):
-                    where = f"{self.run / 'last'} (step {self._last_saved_step()})" if (self.run / "last").exists() else "none was written yet"
-                    raise RunFailed(f"loss became {loss} at step {self.step}; stopped. Last good checkpoint: {where}. "
-                                    f"Lower --lr or check the data")
-                if self.step % cfg.log_interval == 0 or self.step == self.total_steps:
-                    now = time.perf_counter()
-                    tps = (self.tokens_seen - tokens_last) / max(now - t_last, 1e-9)
-                    t_last, tokens_last = now, self.tokens_seen
-                    mfu = tps * flops / (peak * 1e12 * d.world)
-                    record = dict(step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=self.tokens_seen,
-                                  tokens_per_s=tps, mfu=mfu)
-                    self._log(record)
-                    if d.main:
-                        self.emit("step", **record)
-                elif d.main:
-                    self.emit("tick", step=self.step, loss=loss, lr=lr)
-                if self.step % cfg.eval_interval == 0 or self.step == self.total_steps:
-                    if self._evaluate_and_save():
-                        stop_reason = "early_stopping"
-                        break
-        finally:
-            if in_main_thread:
-                signal.signal(signal.SIGINT, previous)
-        result = dict(run=str(self.run), steps=self.step, stop_reason=stop_reason, best_val_loss=self.best_val,
-                      best_step=self.best_step, last_val_loss=self.last_val, unigram_loss=baseline,
-                      initial_loss=initial, final_loss=loss, tokens=self.tokens_seen, params=self.model.num_params())
-        if cfg.overfit_batch:  # the bug check: a sound model and loop drive one batch's loss towards 0
-            result["overfit_passed"] = loss < 0.1 * initial
-        if d.main:
-            self.emit("done", **result)
-        return result
-
-    def _last_saved_step(self):
-        return json.loads(((self.run / "last").resolve() / state.TRAINER_FILE).read_text())["step"]
-
-    def _train_step(self) -> tuple[float, float, float]:
+    def train_step(self) -> tuple[float, float, float]:
+        """One optimizer step: set the lr, accumulate the gradients of grad_accum micro-batches (this rank's
+        slice of each global batch), clip, update. (mean loss over ranks, gradient norm, lr)."""
         cfg, d = self.cfg, self.dist
         lr = lr_at(self.step, cfg, self.total_steps)
         for group in self.optimizer.param_groups:
@@ -368,11 +266,29 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.rng_after = self._rng()
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
         return d.mean(total), grad_norm, lr
 
-    def _evaluate_and_save(self) -> bool:
-        """Evaluate, checkpoint (last, and best when improved); True when patience ran out."""
-        cfg = self.cfg
+    def log_step(self, loss: float, grad_norm: float, lr: float) -> None:
+        """Every log_interval steps (and the last): the step's record to metrics.jsonl and the listener;
+        every step: the bar's status."""
+        self.shown = (loss, lr)
+        if self.step % self.cfg.log_interval == 0 or self.step == self.total_steps:
+            now = time.perf_counter()
+            tps = (self.tokens_seen - self._tokens_last) / max(now - self._t_last, 1e-9)
+            self._t_last, self._tokens_last = now, self.tokens_seen
+            self.rate = (tps, tps * self.flops / (self.peak * 1e12 * self.dist.world))
+            record = dict(step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=self.tokens_seen,
+                          tokens_per_s=tps, mfu=self.rate[1])
+            self._log(record)
+            self._report(data=record)
+        else:
+            self._report()
+
+    def validate(self) -> bool:
+        """Score the validation batches, keep the best-so-far bookkeeping, log and report the evaluation;
+        True when it is the best so far."""
         val = self.evaluate()
         self.last_val = val
         improved = val < self.best_val
@@ -382,28 +298,97 @@ class Trainer:
             self.bad_evals += 1
         record = dict(step=self.step, val_loss=val, best_val_loss=self.best_val, improved=improved)
         self._log(record)  # before the checkpoint: a resume from it must not lose this line
-        self._save(best=improved)
+        self._report(message=f"step {self.step}: val loss {val:.4f}" + (" (best)" if improved else ""), data=record)
+        return improved
+
+    def checkpoint(self, best: bool) -> None:
+        """Save the trainable state, the optimizer, the bookkeeping and the RNG after this step (a collective
+        under FSDP: every rank gathers, rank 0 writes)."""
+        trainer = {"best_val": self.best_val if math.isfinite(self.best_val) else None, "best_step": self.best_step,
+                   "bad_evals": self.bad_evals, "tokens_seen": self.tokens_seen, "total_steps": self.total_steps}
+        self.parts.checkpoints.save(self.run, self.step, self.model, self.optimizer, trainer, self.rng_after,
+                                    {"step": self.step, "val_loss": self.last_val}, best, write=self.dist.main)
+        self.dist.barrier()
+
+    def finish(self, stop_reason: str, loss: float) -> dict:
+        """The run's result."""
+        result = dict(run=str(self.run), steps=self.step, stop_reason=stop_reason, best_val_loss=self.best_val,
+                      best_step=self.best_step, last_val_loss=self.last_val, unigram_loss=self.baseline,
+                      initial_loss=self.initial, final_loss=loss, tokens=self.tokens_seen,
+                      params=self.model.num_params())
+        if self.cfg.overfit_batch:  # the bug check: a sound model and loop drive one batch's loss towards 0
+            result["overfit_passed"] = loss < 0.1 * self.initial
+        return result
+
+    # --- pieces of the phases -------------------------------------------------------
+
+    def _loss(self, x, y):
+        with autocast(self.device, self.amp):
+            return self.net(x, targets=y)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """The mean loss per scored target over the validation batches (all ranks')."""
+        self.net.eval()
+        total, count = 0.0, 0.0
+        for x, y in self.val:
+            if len(x):
+                rows = (y != -100).sum().item() / y.shape[1]  # scored targets, in rows: x's rows when none is masked
+                total += self._loss(x.to(self.device), y.to(self.device)).item() * rows
+                count += rows
+        self.net.train()
+        total, count = self.dist.sum(total), self.dist.sum(count)
+        return total / count
+
+    def _diverged(self, loss: float) -> RunFailed:
+        last = self.run / "last"
+        where = f"{last} (step {state.last_step(self.run)})" if last.exists() else "none was written yet"
+        return RunFailed(f"loss became {loss} at step {self.step}; stopped. Last good checkpoint: {where}. "
+                         f"Lower --lr or check the data")
+
+    def _status(self) -> str:
+        """The bar's text: the last step's loss and lr, the last tokens/s and MFU, the last validation loss."""
+        if self.shown is None:
+            return ""
+        status = f"loss {self.shown[0]:.3f} lr {self.shown[1]:.2e}"
+        if self.rate:
+            status += f" tok/s {self.rate[0]:,.0f} MFU {100 * self.rate[1]:.1f}%"
+        return status + (f" val {self.last_val:.3f}" if self.last_val is not None else "")
+
+    def _report(self, **fields) -> None:
+        if self.dist.main and self.progress is not None:
+            report(self.progress, "train", self.step, self.total_steps, unit="steps", status=self._status(), **fields)
+
+    def _log(self, record: dict) -> None:
         if self.dist.main:
-            self.emit("eval", **record)
-        return bool(cfg.patience) and self.bad_evals >= cfg.patience
+            state.append_metrics(self.run, record)
+
+    def _rng(self) -> dict:
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.startswith("cuda"):
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
+    def _set_rng(self, rng: dict) -> None:
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and self.device.startswith("cuda"):
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
 
 
-def train(cfg: TrainConfig, on_event: Event | None = None, resume: bool = False, force: bool = False) -> dict:
-    trainer = Trainer(cfg, on_event, resume=resume, force=force)
-    try:
-        return trainer.fit()
-    finally:
-        distributed.teardown(trainer.dist)
+def train(cfg: TrainConfig, progress: Progress | None = None, resume: bool = False, force: bool = False,
+          parts: Callable[[TrainConfig, Dist], Parts] = pretraining_parts) -> dict:
+    """Run a training job: `parts(cfg, dist)` builds what is trained (pretraining's by default). The distributed
+    set-up is torn down however the job ends."""
+    with distributed.session(cfg.device) as dist:
+        return Trainer(cfg, parts(cfg, dist), dist, progress, resume=resume, force=force).fit()
 
 
 def resume_config(run: str | Path, overrides: dict) -> TrainConfig:
-    """The saved config of a run, with the flags given now applied on top."""
+    """The saved config of a run, with the flags given now (not None) applied on top."""
     path = Path(run) / state.TRAIN_CONFIG
     if not path.is_file():
         raise ConfigError(f"{run} is not a run directory (no {state.TRAIN_CONFIG}); nothing to resume")
-    values = json.loads(path.read_text())
+    values = json.loads(read_text(path))
     values.update({k: v for k, v in overrides.items() if v is not None})
     values["out"] = str(run)
-    return TrainConfig.from_dict(values)
-
-
+    return TrainConfig.from_dict(values, where=f"{path}")

@@ -5,51 +5,43 @@ half-decades, and suggest the largest that does not diverge."""
 from __future__ import annotations
 
 import math
-from typing import Callable
 
-from ..errors import RunFailed
+from ..progress import Progress, report
+from . import distributed
 from .config import TrainConfig
 from .loop import Trainer
 from .plot import _pyplot, text_chart
+from .pretrain import pretraining_parts
 
 GRID = [10 ** (-5 + k / 2) for k in range(11)]  # 1e-5, 3.2e-5, ..., 1
 
 
 def lr_find(cfg: TrainConfig, steps: int = 20, lrs: list[float] | None = None,
-            on_lr: Callable[[float, float, int], None] | None = None) -> dict:
-    """Loss after `steps` constant-lr steps from the same initialisation, for each lr.
+            progress: Progress | None = None) -> dict:
+    """Loss after `steps` constant-lr steps from the same initialisation, for each lr (the mean of the last
+    fifth of the steps' losses); reported under the stage "lr-find", one unit an lr.
 
     An lr diverged when its loss is not finite or ends above the initial loss.
     Stops after the second diverged lr in a row (larger ones only get worse).
     """
-    import tempfile
-
     lrs = lrs or GRID
     rows, initial, streak = [], None, 0
-    with tempfile.TemporaryDirectory() as tmp:
+    with distributed.session(cfg.device) as dist:
         for i, lr in enumerate(lrs):
-            run_cfg = cfg.replace(out=f"{tmp}/run{i}", lr=lr, schedule="constant", warmup=0.0, max_steps=steps,
-                                  eval_interval=10**9, log_interval=1, patience=0)
-            losses, start = [], {}
-
-            def on_event(kind, **d):
-                if kind == "step":
-                    losses.append(d["loss"])
-                elif kind == "start":
-                    start.update(d)
-
-            try:
-                Trainer(run_cfg, on_event, force=True).fit()
-            except RunFailed:  # a non-finite loss stops the trainer: this lr diverged
-                losses.append(math.nan)
-            if initial is None:  # the same seed gives every lr the same model and first batch
-                initial = start["initial_loss"]
+            run_cfg = cfg.replace(out=None, lr=lr, schedule="constant", warmup=0.0, max_steps=steps)
+            trainer = Trainer(run_cfg, pretraining_parts(run_cfg, dist), dist)  # the same seed: the same model
+            if initial is None:
+                initial = trainer.first_loss()
+            losses = []
+            while trainer.step < steps and (not losses or math.isfinite(losses[-1])):
+                losses.append(trainer.train_step()[0])
             tail = losses[-max(1, steps // 5):]
             loss = sum(tail) / len(tail) if all(math.isfinite(v) for v in tail) else math.nan
             diverged = not math.isfinite(loss) or loss > initial
             rows.append({"lr": lr, "loss": loss, "diverged": diverged})
-            if on_lr:
-                on_lr(lr, loss, len(lrs))
+            if dist.main:
+                report(progress, "lr-find", i + 1, len(lrs), unit="lrs", status=f"lr {lr:.1e}: {loss:.3f}",
+                       data=rows[-1])
             streak = streak + 1 if diverged else 0
             if streak == 2:
                 break

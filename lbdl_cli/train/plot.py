@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from ..errors import ConfigError, DataError
+from ..files import read_text
 from .state import METRICS
 
 
@@ -15,7 +16,7 @@ def load_curves(run: str | Path) -> dict:
     if not path.is_file():
         raise DataError(f"{run} has no {METRICS}; give a run directory written by `lbdl train`")
     train, val = [], []
-    for line in path.read_text().splitlines():
+    for line in read_text(path).splitlines():
         record = json.loads(line)
         if "loss" in record:
             train.append((record["step"], record["loss"]))
@@ -67,7 +68,8 @@ def _pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ConfigError("--out PNG needs matplotlib: pip install 'lbdl[plot]' (or leave out --out for a terminal chart)") from None
+        raise ConfigError("--out PNG needs matplotlib: pip install 'lbdl[plot]' (or leave out --out for a terminal "
+                          "chart)") from None
     return plt
 
 

@@ -4,7 +4,8 @@ moment leaves a loadable `last/`.
 RUN/
   train_config.json       the resolved TrainConfig
   metrics.jsonl           one JSON object per logged step / evaluation
-  ckpt/step-0000400/      complete model directories (+ optimizer and trainer state)
+  ckpt/step-0000400/      the trainable state (ModelDirectories: a complete model directory) + optimizer and
+                          trainer state
   last -> ckpt/step-...   relative symlinks, swapped atomically
   best -> ckpt/step-...
 
@@ -18,14 +19,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..checkpoint import atomic_dir, write_json, write_model
-from ..errors import CheckpointError
+from ..atomic import atomic_dir
+from ..checkpoint import load_model, write_json, write_model
+from ..errors import CheckpointError, ConfigError
+from . import distributed
 
 TRAIN_CONFIG = "train_config.json"
 METRICS = "metrics.jsonl"
@@ -39,6 +44,26 @@ def is_run(path: Path) -> bool:
 
 def step_dir(run: Path, step: int) -> Path:
     return run / "ckpt" / f"step-{step:07d}"
+
+
+def check_run_dir(run: Path, resume: bool, force: bool) -> bool:
+    """Refuse a run directory that cannot be used; True when it holds something that --force replaces."""
+    if resume:
+        if not (run / "last").exists():
+            raise ConfigError(f"{run} has no last/ checkpoint to resume from")
+        return False
+    if run.exists() and any(run.iterdir()):
+        if not force:
+            what = "another run" if is_run(run) else "files"
+            raise ConfigError(f"{run} already holds {what}; pass --resume {run} to continue it or --force to start "
+                              f"over")
+        return True
+    return False
+
+
+def last_step(run: Path) -> int:
+    """The step of the run's last checkpoint."""
+    return json.loads(((run / "last").resolve() / TRAINER_FILE).read_text())["step"]
 
 
 def _point(run: Path, name: str, target: Path) -> None:
@@ -58,9 +83,10 @@ def _prune(run: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def save_checkpoint(run: Path, step: int, config, model_state: dict, optim_state: dict, trainer: dict, rng: dict,
-                    tokenizer: Path | None, sections: dict, best: bool) -> Path:
-    """Write ckpt/step-N (model + optimizer + trainer state) and point `last` (and `best`) at it.
+def save_checkpoint(run: Path, step: int, write_state: Callable[[Path], None], optim_state: dict, trainer: dict,
+                    rng: dict, best: bool) -> Path:
+    """Write ckpt/step-N (`write_state(dir)` writes the trainable state; then the optimizer and trainer state)
+    and point `last` (and `best`) at it.
 
     `optim_state` is a full optimizer state dict keyed by parameter name (as
     torch.distributed.checkpoint.state_dict gives it, also without DDP/FSDP).
@@ -68,7 +94,7 @@ def save_checkpoint(run: Path, step: int, config, model_state: dict, optim_state
     target = step_dir(run, step)
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(target, force=True) as tmp:
-        write_model(tmp, config, model_state, tokenizer, sections)
+        write_state(tmp)
         tensors = {f"rng.{k}": v for k, v in rng.items()}
         for name, values in optim_state["state"].items():
             for key, value in values.items():
@@ -113,3 +139,28 @@ def truncate_metrics(run: Path, step: int) -> None:
 def append_metrics(run: Path, record: dict) -> None:
     with open(run / METRICS, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+@dataclass
+class ModelDirectories:
+    """Pretraining's and full fine-tuning's checkpoints: each a complete model directory (config.json with the
+    tokenizer's and the training's sections, model.safetensors, tokenizer.model) plus optimizer and trainer state."""
+
+    tokenizer: Path  # the tokenizer.model copied into each checkpoint
+    sections: dict  # config.json sections besides the model's (the tokenizer's)
+    data: str  # the training data, recorded in config.json's training section
+
+    def save(self, run: Path, step: int, model, optimizer, trainer: dict, rng: dict, training: dict, best: bool,
+             write: bool) -> None:
+        model_state, optim_state = distributed.full_state(model, optimizer)
+        if write:
+            sections = {**self.sections, "training": {**training, "data": self.data}}
+            save_checkpoint(run, step, lambda d: write_model(d, model.config, model_state, self.tokenizer, sections),
+                            optim_state, trainer, rng, best)
+
+    def load(self, run: Path, model, optimizer) -> tuple[dict, dict]:
+        last = (run / "last").resolve()
+        loaded, _ = load_model(last, dtype=torch.float32)
+        trainer, optim_state, rng = load_trainer_state(last)
+        distributed.load_full_state(model, optimizer, loaded.state_dict(), optim_state)
+        return trainer, rng
