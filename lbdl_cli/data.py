@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
+from tokenizer.config import INVALID_UTF8_CHOICES, TOKENIZER_FILE
 
 from .atomic import atomic_dir, check_out
 from .config import Config, setting
@@ -33,9 +34,7 @@ META_FILE = "meta.json"
 TRAIN_FILE = "train.bin"
 VAL_FILE = "val.bin"
 VAL_TEXT_FILE = "val.txt"
-TOKENIZER_FILE = "tokenizer.model"
 SPLIT_CHOICES = ("paragraph", "line", "file")
-INVALID_UTF8_CHOICES = ("error", "replace", "skip")
 BATCH_CHARS = 2_000_000  # text encoded per sentencepiece call
 
 

@@ -16,7 +16,7 @@ import importlib
 
 _EXPORTS = {
     "Tokenizer": "core", "file_hash": "core", "model_path": "core", "display_piece": "core",
-    "TOKENIZER_FILE": "core", "CONFIG_FILE": "core",
+    "TOKENIZER_FILE": "config", "CONFIG_FILE": "config",
     "train": "trainer", "sentencepiece_options": "trainer",
     "TokenizerConfig": "config", "EncodeConfig": "config", "DecodeConfig": "config", "InspectConfig": "config",
     "encode_text": "commands", "decode_ids": "commands", "inspect_tokenizer": "commands",

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from lbdl_cli.config import Config, setting
 from lbdl_cli.errors import ConfigError
 
+# The files of a tokenizer directory (a model directory holds the first too).
+TOKENIZER_FILE = "tokenizer.model"
+CONFIG_FILE = "tokenizer_config.json"
 # The four special tokens every lbdl tokenizer has, at these ids.
 UNK, BOS, EOS, PAD = "<unk>", "<bos>", "<eos>", "<pad>"
 RESERVED_TOKENS = (UNK, BOS, EOS, PAD)

@@ -26,10 +26,8 @@ from lbdl_cli.atomic import atomic_dir
 from lbdl_cli.errors import DataError
 from lbdl_cli.files import read_text
 
-from .config import BOS, EOS, LINE_BREAKS, PAD, UNK
+from .config import BOS, CONFIG_FILE, EOS, LINE_BREAKS, PAD, TOKENIZER_FILE, UNK
 
-TOKENIZER_FILE = "tokenizer.model"
-CONFIG_FILE = "tokenizer_config.json"
 FORMAT_VERSION = 1
 SPACE_MARK = "\u2581"  # sentencepiece writes spaces as this character
 CHUNK_CHARS = 4096  # long text is encoded in pieces of about this many characters
