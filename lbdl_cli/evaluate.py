@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from .config import Config, device_setting, dtype_setting, setting
 from .errors import ConfigError, DataError
@@ -104,7 +104,8 @@ def windows(n: int, ctx: int, stride: int | None = None) -> list[tuple[int, int]
 
 def perplexity(model, ids, ctx: int, stride: int | None = None, batch_size: int = PerplexityConfig.batch_size,
                n_bytes: int | None = None, progress: Progress | None = None,
-               token_bytes: Sequence[int] | torch.Tensor | None = None) -> dict:
+               token_bytes: Sequence[int] | torch.Tensor | None = None,
+               on_logits: Callable[[torch.Tensor], None] | None = None) -> dict:
     """Perplexity of `model` on the token stream `ids` (a 1-D sequence of ints).
 
     Returns perplexity, nll (mean nats per scored token), std_error (of the
@@ -116,6 +117,8 @@ def perplexity(model, ids, ctx: int, stride: int | None = None, batch_size: int 
     (exact with token_bytes; with n_bytes, its share for the scored tokens).
     At most `batch_size` windows go through the model at once (fewer when their
     logits would pass MAX_LOGITS floats).
+    `on_logits`, when given, sees each batch's logits (b, keep - 1, V) at the positions
+    first .. ctx - 2 of its windows, in order, before they are scored.
     """
     import torch
     import torch.nn.functional as F
@@ -157,6 +160,8 @@ def perplexity(model, ids, ctx: int, stride: int | None = None, batch_size: int 
             keep = ctx - first
             x = torch.stack([ids[s:s + ctx] for s, _ in batch])  # (b, ctx)
             logits = model(x.to(device), logits_to_keep=keep)[:, :-1]  # (b, keep - 1, V): positions first..ctx-2
+            if on_logits is not None:  # e.g. the sweep's KL divergence against a reference, in the same pass
+                on_logits(logits)
             targets = x[:, first + 1:].to(device)  # (b, keep - 1)
             nll = F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1), reduction="none")
             nll = nll.view(len(batch), keep - 1).double().cpu()

@@ -214,19 +214,6 @@ def quantize_dir(model: str | os.PathLike, out: str | os.PathLike, cfg: Quantize
 # --- the reference's log-probabilities, and scoring a model against them ---------------------------------
 
 
-class _Tap:
-    """A model as `evaluate.perplexity` calls it, handing each batch's scored logits to `see` on the way."""
-
-    def __init__(self, model, see):
-        self.model, self.see = model, see
-        self.config, self.tok_emb = model.config, model.tok_emb
-
-    def __call__(self, x, logits_to_keep: int = 0):
-        logits = self.model(x, logits_to_keep=logits_to_keep)
-        self.see(logits[:, :-1])  # what perplexity scores: the positions first .. ctx - 2 of each window
-        return logits
-
-
 class Reference:
     """The reference model's perplexity and its log-probabilities on the positions perplexity scores.
 
@@ -251,7 +238,7 @@ class Reference:
         self.full = positions * vocab * 4 <= budget
         self.top_k = None if self.full else min(top_k, vocab)
         self.batches: list[tuple] = []
-        self.result = perplexity(_Tap(model, self._keep), ids, ctx, batch_size=batch_size, **byte_args)
+        self.result = perplexity(model, ids, ctx, batch_size=batch_size, on_logits=self._keep, **byte_args)
         self.nbytes = sum(t.numel() * t.element_size() for b in self.batches for t in b)
 
     def _keep(self, logits) -> None:
@@ -287,7 +274,7 @@ class Reference:
             sums["same"] += int((top1 == lq.argmax(-1)).sum())
             sums["count"] += top1.numel()
 
-        result = perplexity(_Tap(model, compare), self.ids, self.ctx, batch_size=self.batch_size, **self.byte_args)
+        result = perplexity(model, self.ids, self.ctx, batch_size=self.batch_size, on_logits=compare, **self.byte_args)
         if sums["batch"] != len(self.batches):
             raise RuntimeError("the reference and the model were scored in different batches")
         return {**result, "kld": sums["kl"] / sums["count"], "same_top": sums["same"] / sums["count"]}
