@@ -38,8 +38,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-from machine import cpu_name  # benchmarks/machine.py
+from machine import capabilities  # benchmarks/machine.py
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -51,14 +50,11 @@ SHAPES = {  # GPT-2 family, as lbdl's presets of the same names (micro with a 51
 
 
 def machine() -> str:
-    cpu = cpu_name()
-    if torch.cuda.is_available():
-        cpu += f"; GPU {torch.cuda.get_device_name(0)}"
     import transformers
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, load average {load:.2f} at start; "
-            f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}")
+    return (f"{capabilities()}; {os.cpu_count()} cores, load average {load:.2f} at start; "
+            f"Python {platform.python_version()}, transformers {transformers.__version__}")
 
 
 class Stamps:
@@ -115,8 +111,7 @@ def matvec_ceiling(model, repeats=30):
     (the kernels lbdl's decoding picks, the weights as lbdl lays them out): the bound for any
     implementation built on those kernels when a step must read every weight once, as batch-1
     decoding does."""
-    from lbdl_cli.model import linear
-    from lbdl_cli.sample.decode import _single_row_gemv
+    from lbdl_cli.kernels import linear
 
     mats = []
     for block in model.blocks:
@@ -125,7 +120,7 @@ def matvec_ceiling(model, repeats=30):
         mats += [block.attn.o_proj.weight] + [m.weight for m in block.mlp.children() if isinstance(m, torch.nn.Linear)]
     mats.append(model.lm_head.weight if model.lm_head is not None else model.tok_emb.weight)
     xs = {w.shape[1]: torch.randn(1, 1, w.shape[1], dtype=w.dtype, device=w.device) for w in mats}
-    with torch.inference_mode(), _single_row_gemv(model, 1):
+    with torch.inference_mode():
         def step():
             for w in mats:
                 linear(xs[w.shape[1]], w)
@@ -156,10 +151,7 @@ def bandwidth_bound(model, bandwidth, prompt_tokens, new_tokens) -> float:
     """Tokens/s of a decode step that read every weight matrix and the mean KV cache once at
     `bandwidth` and did nothing else: what no implementation can beat on this machine."""
     cfg = model.config
-    matrices = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    if model.lm_head is None:
-        matrices.append(model.tok_emb.weight)
-    weights = sum(w.numel() * w.element_size() for w in matrices)
+    weights = sum(w.numel() * w.element_size() for w in model.matrices())
     cache_len = prompt_tokens + new_tokens / 2
     w = model.tok_emb.weight
     kv_bytes = 4 if w.device.type == "cpu" else w.element_size()  # GPT.new_cache: float32 on CPUs
@@ -218,7 +210,7 @@ def main(argv=None):
     import transformers
 
     from lbdl_cli.checkpoint import load_model
-    from lbdl_cli.sample import inference_layout
+    from lbdl_cli.kernels import inference_layout
 
     transformers.logging.set_verbosity_error()
     device = torch.device(args.device)
@@ -231,7 +223,7 @@ def main(argv=None):
             for dtype_name in args.dtypes.split(","):
                 dtype = getattr(torch, dtype_name)
                 ours, _ = load_model(lbdl_dir, dtype=dtype, device=device)
-                inference_layout(ours)  # as `lbdl generate` loads a model (load_for_inference)
+                inference_layout(ours.matrices())  # as `lbdl generate` loads a model (load_for_inference)
                 theirs = transformers.GPT2LMHeadModel.from_pretrained(hf_dir, dtype=dtype).to(device).eval()
                 g = torch.Generator().manual_seed(1)
                 prompt = torch.randint(0, SHAPES[name]["vocab_size"], (args.prompt_tokens,), generator=g).tolist()
@@ -256,9 +248,10 @@ def main(argv=None):
                 row["ceiling"] = matvec_ceiling(ours)
                 row["bound"] = bandwidth_bound(ours, read_bandwidth(device), args.prompt_tokens, args.new_tokens)
                 gen_rows.append(row)
-                print(f"  {row['model']} {dtype_name}: decode lbdl {row['lbdl_decode']:.1f} vs hf {row['hf_decode']:.1f} "
-                      f"tok/s ({row['speedup']:.2f}x; matvec ceiling {row['ceiling']:.1f}, memory bound {row['bound']:.1f}), prefill lbdl "
-                      f"{row['lbdl_prefill']:.0f} vs hf {row['hf_prefill']:.0f} tok/s, same tokens: {same}", flush=True)
+                print(f"  {row['model']} {dtype_name}: decode lbdl {row['lbdl_decode']:.1f} vs hf "
+                      f"{row['hf_decode']:.1f} tok/s ({row['speedup']:.2f}x; matvec ceiling {row['ceiling']:.1f}, "
+                      f"memory bound {row['bound']:.1f}), prefill lbdl {row['lbdl_prefill']:.0f} vs hf "
+                      f"{row['hf_prefill']:.0f} tok/s, same tokens: {same}", flush=True)
                 if not args.skip_perplexity:
                     ctx = min(args.ppl_ctx, SHAPES[name]["n_positions"])
                     ids = torch.randint(0, SHAPES[name]["vocab_size"], (ctx * args.ppl_windows,), generator=g)

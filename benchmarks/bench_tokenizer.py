@@ -25,7 +25,6 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -42,17 +41,11 @@ HF = "HF tokenizers byte-level BPE"
 
 
 def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     import sentencepiece
     import tokenizers
+    from machine import capabilities  # benchmarks/machine.py
 
-    return (f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+    return (f"{capabilities()}; {os.cpu_count()} cores, Python {platform.python_version()}, "
             f"sentencepiece {sentencepiece.__version__}, tokenizers {tokenizers.__version__}")
 
 
@@ -151,7 +144,8 @@ def bench_hf(train_path: Path, heldout: str, vocab_size: int, runs: int) -> dict
             "round_trip": tok.decode(ids, skip_special_tokens=False) == heldout}
 
 
-def run_corpus(name: str, path: Path, vocab_size: int, runs: int, workdir: Path, heldout: str | None = None) -> list[dict]:
+def run_corpus(name: str, path: Path, vocab_size: int, runs: int, workdir: Path,
+               heldout: str | None = None) -> list[dict]:
     """Both tokenizers on one corpus; without `heldout`, the file's last 10% of lines is held out."""
     if heldout is None:
         path, heldout = split_file(Path(path), Path(workdir))
@@ -159,7 +153,8 @@ def run_corpus(name: str, path: Path, vocab_size: int, runs: int, workdir: Path,
     rows = []
     for bench in (bench_lbdl, bench_hf):
         row = bench(Path(path), heldout, vocab_size, runs)
-        row.update({"corpus": name, "train_mb": size_mb, "heldout_mb": len(heldout.encode("utf-8")) / 1e6, "runs": runs})
+        row.update({"corpus": name, "train_mb": size_mb, "heldout_mb": len(heldout.encode("utf-8")) / 1e6,
+                    "runs": runs})
         rows.append(row)
     return rows
 
@@ -169,7 +164,8 @@ def markdown_table(rows: list[dict]) -> str:
              "| held-out bytes/token | exact round trip |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['corpus']} ({r['train_mb']:.1f}) | {r['tokenizer']} | {r['vocab_size']} | {r['train_s']:.2f} "
+        lines.append(f"| {r['corpus']} ({r['train_mb']:.1f}) | {r['tokenizer']} | {r['vocab_size']} "
+                     f"| {r['train_s']:.2f} "
                      f"| {r['encode_mb_s']:.2f} | {r['chars_per_token']:.3f} | {r['bytes_per_token']:.3f} "
                      f"| {'yes' if r['round_trip'] else 'no'} |")
     return "\n".join(lines)

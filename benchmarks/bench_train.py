@@ -21,13 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from machine import cpu_name  # benchmarks/machine.py
-
-
-def machine() -> str:
-    cpu = cpu_name()
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+from machine import capabilities  # benchmarks/machine.py
 
 
 def make_shards(root: Path, vocab: int, tokens: int) -> Path:
@@ -150,13 +144,15 @@ def main():
 
     print()
     print(f"`{args.preset}` preset ({model_cfg.n_layer} layers, n_embd {model_cfg.n_embd}, vocab {vocab}), "
-          f"batch {args.batch} x context {args.context}, AdamW, median of {args.repeats}; {machine()}")
+          f"batch {args.batch} x context {args.context}, AdamW, median of {args.repeats}")
+    print(f"machine: {capabilities()}")
     print()
     print("| dtype | compile | lbdl tokens/s | HF GPT2LMHeadModel tokens/s | lbdl / HF | lbdl MFU | HF MFU |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['dtype']} | {'yes' if r['compile'] else 'no'} | {r['lbdl_tokens_per_s']:,.0f} | "
-              f"{r['hf_tokens_per_s']:,.0f} | {r['ratio']:.2f}x | {100 * r['lbdl_mfu']:.1f}% | {100 * r['hf_mfu']:.1f}% |")
+              f"{r['hf_tokens_per_s']:,.0f} | {r['ratio']:.2f}x | {100 * r['lbdl_mfu']:.1f}% | "
+              f"{100 * r['hf_mfu']:.1f}% |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

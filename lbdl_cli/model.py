@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
 from .errors import ConfigError
 
 MLP_KINDS = ("gelu", "swiglu")
@@ -142,87 +143,11 @@ def apply_rope(x, cos, sin):  # x (B, H, T, D); cos, sin (T, D)
 # --- linear layers -----------------------------------------------------------------
 
 
-def linear(x, weight, bias=None):
-    """F.linear, with faster kernels for float32 inference on a CPU (no gradients, no autocast,
-    not under torch.compile, a plain weight; sample.inference_layout picks each matrix's layout):
-
-    - one row (a decoding step) by a column-major matrix of 1 MiB or more: `split_gemv`, a
-      slice of the outputs per thread (F.linear's MKL product runs on one thread);
-    - one row by a row-major matrix of 1 MiB or more, or several rows by a row-major matrix
-      or a column-major one of 1 MiB or more: oneDNN's linear
-      (torch.ops.mkldnn._linear_pointwise, the kernel torch.compile's CPU freezing picks),
-      up to 2x MKL's speed from one row to prompt-sized blocks;
-    - one row by a smaller matrix, or several by a smaller column-major one: F.linear
-      (oneDNN's ~20 us a call is more than MKL's whole product there).
-
-    Anything else (gradients, other dtypes or devices, a packed quantized weight, a torch
-    without oneDNN) is F.linear."""
-    if (x.dtype == torch.float32 and type(weight) in _PLAIN and not torch.is_grad_enabled()
-            and x.device.type == "cpu" and weight.dtype == torch.float32 and x.is_contiguous()
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
-        out_features, in_features = weight.shape
-        one_row, large = x.numel() == in_features, weight.numel() >= LARGE_MATRIX
-        column_major = weight.stride() == (1, out_features)
-        if one_row and column_major and large:
-            threads = torch.get_num_threads()
-            if 1 < threads <= out_features:
-                return split_gemv(x, weight, bias, threads)
-        elif (column_major and large or weight.is_contiguous() and (large or not one_row)) and _onednn_fp32():
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
-
-
-LARGE_MATRIX = 1 << 18  # entries: 1 MiB of float32
-
-
-def split_gemv(x, weight, bias, parts: int):
-    """One row x (..., in) by a column-major weight (out, in) with at least `parts` outputs, as
-    `parts` products of a slice of the outputs each: one batched product (torch.bmm runs one per
-    thread) over strided views of the weight, no copy; outputs left over when `parts` does not
-    divide them (GPT-2's 50257-token head) take one more small product. Measured alone on a
-    2-core EPYC, for matrices of 1 MiB and more with at least as many outputs as inputs: 1.2-1.7x
-    the bandwidth of one MKL product (which runs on one thread) and 1.0-1.5x oneDNN's."""
-    out_features, in_features = weight.shape
-    n = out_features // parts
-    split = n * parts
-    slices = weight.as_strided((parts, in_features, n), (n, weight.stride(1), 1))  # slice j: W^T[:, j*n:(j+1)*n]
-    xs = x.as_strided((parts, 1, in_features), (0, in_features, 1))  # x, once per slice
-    if bias is None:
-        y = torch.bmm(xs, slices)
-    else:
-        y = torch.baddbmm(bias[:split].view(parts, 1, n), xs, slices)
-    y = y.view(*x.shape[:-1], split)  # (parts, 1, n) holds the outputs in order
-    if split < out_features:
-        rest = F.linear(x, weight[split:], None if bias is None else bias[split:])
-        y = torch.cat((y, rest), dim=-1)
-    return y
-
-
-_PLAIN = (torch.Tensor, nn.Parameter)
-_ONEDNN: list[bool] = []
-
-
-def _onednn_fp32() -> bool:
-    """Whether this torch has oneDNN's linear and it agrees with F.linear (probed once)."""
-    if not _ONEDNN:
-        ok = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-        if ok:
-            try:
-                g = torch.Generator().manual_seed(0)  # not the global RNG: a training run's dropout draws from it
-                x, w, b = (torch.randn(shape, generator=g) for shape in ((3, 8), (5, 8), (5,)))
-                ok = torch.allclose(torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], ""),
-                                    F.linear(x, w, b), atol=1e-5)
-            except RuntimeError:
-                ok = False
-        _ONEDNN.append(ok)
-    return _ONEDNN[0]
-
-
 class Linear(nn.Linear):
-    """nn.Linear whose inference runs `linear` (the model's projections)."""
+    """nn.Linear whose products run through kernels.linear (the fastest CPU kernel for the call)."""
 
     def forward(self, x):
-        return linear(x, self.weight, self.bias)
+        return kernels.linear(x, self.weight, self.bias)
 
 
 # --- attention and its KV cache -------------------------------------------------
@@ -297,7 +222,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         fused = cache.qkv[self.layer] if cache is not None and not self.training else None
         if fused is not None:  # generation: one matrix multiply
-            q, k, v = linear(x, *fused).split(self.qkv_sizes, dim=-1)
+            q, k, v = kernels.linear(x, *fused).split(self.qkv_sizes, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -435,7 +360,7 @@ class GPT(nn.Module):
             x = x[:, -logits_to_keep:]  # (B, logits_to_keep, C)
         x = self.norm_f(x)
         head = self.lm_head.weight if self.lm_head is not None else self.tok_emb.weight
-        logits = linear(x, head)  # (B, T, V)
+        logits = kernels.linear(x, head)  # (B, T, V)
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
@@ -460,6 +385,14 @@ class GPT(nn.Module):
         if not self.training:
             cache.qkv = [block.attn.fused_qkv() for block in self.blocks]
         return cache
+
+    def matrices(self) -> list[torch.Tensor]:
+        """The weight of every matrix multiply a forward runs: the projections and the head (the token
+        embedding when tied); what kernels.inference_layout lays out."""
+        found = [m.weight for m in self.modules() if isinstance(m, nn.Linear)]
+        if self.lm_head is None:
+            found.append(self.tok_emb.weight)
+        return found
 
     # --- sizes -------------------------------------------------------------------
 

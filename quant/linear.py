@@ -2,19 +2,27 @@
 
 `QuantLinear` replaces an `nn.Linear`, `QuantEmbedding` an `nn.Embedding`
 (whose weight may double as the tied output head). Both keep only packed
-data, never a float copy of the weight:
+data, never a float copy of the weight, in the form their `backend` asks for
+(the loader picks it per machine: lbdl_cli.kernels.quant_backend):
 
-- On CPU, every affine format (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k)
-  runs on torch's packed int4 kernel `_weight_int4pack_mm_for_cpu` (group
-  size 32, bfloat16 activations), whose weights are x = s (p - 8) + z per
-  group. 4-bit codes map onto one plane: x = d (q - 8) + (m + 8 d) for Q4_1,
-  zero 0 for Q4_0. Codes of 5 or 8 bits are split as q = 16 h + l into two
-  4-bit planes sharing the scales; the high plane multiplies 16 x and the
-  two products are summed (see `Int4Planes`). The original block bytes are
-  dropped; the blocks' scale headers are kept so that the exact bytes can be
-  rebuilt (`packed()`, `state_dict()`).
-- Elsewhere (CUDA, NF4, a kernel-less torch) the block bytes are kept and
-  dequantized on the fly into the activations' dtype for each product.
+- "int4pack": on CPU, every affine format (q8_0, q4_0, q4_1, q5_0, q5_1,
+  q4_k, q5_k) runs on torch's packed int4 kernel `_weight_int4pack_mm_for_cpu`
+  (group size 32, bfloat16 activations), whose weights are x = s (p - 8) + z
+  per group. 4-bit codes map onto one plane: x = d (q - 8) + (m + 8 d) for
+  Q4_1, zero 0 for Q4_0. Codes of 5 or 8 bits are split as q = 16 h + l into
+  two 4-bit planes sharing the scales; the high plane multiplies 16 x and the
+  two products are summed (see `Int4Planes`).
+- "dequantize": every affine format keeps one byte per code and a float32
+  scale and offset per group of 32 (`GroupCodes`); a product dequantizes the
+  matrix into a float buffer that every product of the thread reuses, exactly
+  as the stored blocks give it, then runs F.linear: the fastest exact path on
+  CPUs where torch's packed kernel is slow.
+- "blocks" (and NF4, and "int4pack" where the kernel does not apply: CUDA, a
+  kernel-less torch): the block bytes are kept and dequantized into a fresh
+  tensor for each product (what autograd through the input, QLoRA, needs).
+
+The first two drop the original block bytes but keep the blocks' scale
+headers, so that the exact bytes can be rebuilt (`packed()`, `state_dict()`).
 
 `module.weight` is a `QuantWeight`: a tensor-like object that `F.linear` and
 `F.embedding` accept (through `__torch_function__`), so a model that computes
@@ -25,12 +33,16 @@ holds the packed bytes (uint8) under the usual `...weight` name.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .formats import Format, dequantize, get_format, quantize
+from .formats import GROUP, Format, codes, dequantize, get_format, group_affine, pack_codes, quantize
 from .int4pack import ROW_CHUNK, Int4Planes, int4_layout
+
+BACKENDS = ("int4pack", "dequantize", "blocks")
 
 # --- the weight as F.linear / F.embedding see it ---------------------------------------------------------
 
@@ -50,13 +62,6 @@ class QuantWeight:
 
     def is_floating_point(self) -> bool:  # it stands for a float weight
         return True
-
-    def stride(self, dim: int | None = None):
-        # Packed weights have no float memory layout to change. They report the strides of the
-        # column-major layout that layout passes (sample.inference_layout) aim for, so that such a
-        # pass leaves them alone instead of trying to transpose them.
-        strides = (1, self.module.out_features)
-        return strides if dim is None else strides[dim]
 
     def size(self, dim: int | None = None):
         return self.shape if dim is None else self.shape[dim]
@@ -80,12 +85,76 @@ class QuantWeight:
         def arg(i, name):
             return args[i] if len(args) > i else kwargs.get(name)
 
-        if func is F.linear and isinstance(arg(1, "weight"), QuantWeight) and not isinstance(arg(0, "input"), QuantWeight):
-            return arg(1, "weight").module.linear(arg(0, "input"), arg(2, "bias"))
-        if func is F.embedding and isinstance(arg(1, "weight"), QuantWeight):
-            return arg(1, "weight").module.lookup(arg(0, "input"))
+        weight = arg(1, "weight")
+        if func is F.linear and isinstance(weight, QuantWeight) and not isinstance(arg(0, "input"), QuantWeight):
+            return weight.module.linear(arg(0, "input"), arg(2, "bias"))
+        if func is F.embedding and isinstance(weight, QuantWeight):
+            return weight.module.lookup(arg(0, "input"))
         name = getattr(func, "__name__", str(func))
         raise TypeError(f"{name} is not supported on a quantized weight; call .dequantize() for a float copy")
+
+
+# --- the dequantizing form ------------------------------------------------------------------------------------
+
+
+class GroupCodes:
+    """An affine weight (N, K) as one uint8 code per weight and a float32 scale s and offset z per group of 32
+    (1.25 bytes a weight, plus the blocks' headers), stored input-major: codes (K / 32, 32, N), s and z
+    (K / 32, 1, N), so that dequantizing is one vectorised pass over rows of N (x = s q + z, with s q exact in
+    float32: the very numbers the stored blocks give) whose result is the weight's column-major layout."""
+
+    def __init__(self, fmt: Format, blocks: torch.Tensor, N: int, K: int):
+        self.fmt, self.N, self.K = fmt, N, K
+        device = blocks.device
+        self.header = torch.empty(N, K // fmt.block_size, fmt.header_size, dtype=torch.uint8, device=device)
+        self.q = torch.empty(K // GROUP, GROUP, N, dtype=torch.uint8, device=device)
+        self.s = torch.empty(K // GROUP, 1, N, device=device)
+        self.z = torch.empty(K // GROUP, 1, N, device=device)
+        for r in range(0, N, ROW_CHUNK):
+            q, header = codes(blocks[r:r + ROW_CHUNK], fmt)  # (n, K) uint8, (n, nb, h)
+            s, z = group_affine(header, fmt)  # (n, K / 32) float32
+            n = q.shape[0]
+            self.header[r:r + n] = header
+            self.q[:, :, r:r + n] = q.T.reshape(K // GROUP, GROUP, n)
+            self.s[:, 0, r:r + n], self.z[:, 0, r:r + n] = s.T, z.T
+
+    def weight(self, dtype: torch.dtype, reuse: bool) -> torch.Tensor:
+        """The float weight (N, K), column-major: in this thread's reused buffer, or (reuse False: autograd
+        keeps it) a fresh tensor."""
+        out = _buffer(self.N * self.K, dtype, self.q.device) if reuse else torch.empty(
+            self.N * self.K, dtype=dtype, device=self.q.device)
+        torch.addcmul(self.z, self.q, self.s, out=out.view(self.q.shape))
+        return out.view(self.K, self.N).t()
+
+    def rows(self, rows: torch.Tensor, dtype) -> torch.Tensor:
+        """Dequantized rows (len(rows), K), exactly as the stored blocks give them."""
+        rows = rows.to(self.q.device)
+        x = self.q[:, :, rows] * self.s[:, :, rows] + self.z[:, :, rows]  # (K / 32, 32, len(rows))
+        return x.reshape(self.K, -1).t().to(dtype)
+
+    def blocks(self) -> torch.Tensor:
+        parts = []
+        for r in range(0, self.N, ROW_CHUNK):
+            q = self.q[:, :, r:r + ROW_CHUNK].reshape(self.K, -1).t().contiguous()
+            parts.append(pack_codes(q, self.header[r:r + ROW_CHUNK], self.fmt))
+        return torch.cat(parts)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.header, self.q, self.s, self.z]
+
+
+_BUFFERS = threading.local()  # per thread: {(dtype, device): the float buffer GroupCodes dequantizes into}
+
+
+def _buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`numel` entries of this thread's buffer for (dtype, device), grown to the largest matrix it has held.
+    One per thread, so that two generations running at once never write into each other's weights."""
+    held = _BUFFERS.__dict__.setdefault("by_kind", {})
+    buffer = held.get((dtype, device))
+    if buffer is None or buffer.numel() < numel:
+        with torch.inference_mode(False):
+            buffer = held[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel]
 
 
 # --- modules ------------------------------------------------------------------------------------------------
@@ -95,13 +164,14 @@ class QuantModule(nn.Module):
     """Packed storage shared by QuantLinear and QuantEmbedding: a (out_features, in_features) weight."""
 
     def __init__(self, fmt: str | Format, out_features: int, in_features: int, device=None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, backend: str = "int4pack"):
         super().__init__()
+        _check_backend(backend)
         self.fmt = get_format(fmt)
         self.out_features, self.in_features = out_features, in_features
         self.dtype = dtype  # the float dtype the module takes and returns
-        self.backend = "auto"  # "auto": the packed CPU kernel where it applies; "blocks": always dequantize
-        self._planes: Int4Planes | None = None
+        self.backend = backend  # the runtime form asked for (see the module docstring)
+        self._form: Int4Planes | GroupCodes | None = None  # None: the block bytes in _buffers["weight"]
         self._buffers["weight"] = torch.empty(out_features, self.fmt.row_bytes(in_features), dtype=torch.uint8,
                                               device=device)
 
@@ -111,65 +181,72 @@ class QuantModule(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self._planes.header.device if self._planes is not None else self._buffers["weight"].device
+        return self._form.header.device if self._form is not None else self._buffers["weight"].device
 
     @property
     def kernel(self) -> str:
-        """Which path a product takes: "int4pack" (torch's packed CPU kernel) or "dequantize"."""
-        return "int4pack" if self._planes is not None else "dequantize"
+        """The form a product takes: "int4pack" (torch's packed CPU kernel), "dequantize" (codes dequantized
+        into a reused buffer) or "blocks" (the block bytes dequantized for each product)."""
+        if isinstance(self._form, Int4Planes):
+            return "int4pack"
+        return "dequantize" if isinstance(self._form, GroupCodes) else "blocks"
 
     def set_packed(self, blocks: torch.Tensor) -> None:
-        """Take packed rows (out_features, row_bytes) and build the fastest runtime form for their device."""
+        """Take packed rows (out_features, row_bytes) and build the runtime form the backend asks for."""
         expected = (self.out_features, self.fmt.row_bytes(self.in_features))
         if tuple(blocks.shape) != expected or blocks.dtype != torch.uint8:
             raise ValueError(f"packed {self.fmt.name} weight must be uint8 {list(expected)}, got "
                              f"{blocks.dtype} {list(blocks.shape)}")
-        self._planes = None
+        self._form = None
         self._buffers["weight"] = blocks
         self._build()
 
     def _build(self) -> None:
         blocks = self._buffers.get("weight")
-        if (blocks is None or blocks.device.type != "cpu" or self.backend != "auto" or not self.fmt.affine
-                or int4_layout() is None):
+        if blocks is None or not self.fmt.affine or self.backend == "blocks":
             return
+        if self.backend == "int4pack" and (blocks.device.type != "cpu" or int4_layout() is None):
+            return
+        form = Int4Planes if self.backend == "int4pack" else GroupCodes
         with torch.inference_mode(False), torch.no_grad():
-            self._planes = Int4Planes(self.fmt, blocks, self.out_features, self.in_features)
-        del self._buffers["weight"]  # the planes and headers are now the only copy
+            self._form = form(self.fmt, blocks, self.out_features, self.in_features)
+        del self._buffers["weight"]  # the runtime form and the headers are now the only copy
 
     def set_backend(self, backend: str) -> None:
-        """"auto" (packed CPU kernels where they apply) or "blocks" (dequantize on the fly; what training needs)."""
-        if backend not in ("auto", "blocks"):
-            raise ValueError(f"backend must be auto or blocks, got {backend!r}")
+        """"int4pack", "dequantize" or "blocks" (see the module docstring); the bytes are kept exactly."""
+        _check_backend(backend)
         blocks = self.packed()
         self.backend = backend
         self.set_packed(blocks)
 
     def packed(self) -> torch.Tensor:
         """The packed rows, byte for byte as stored."""
-        if self._planes is not None:
-            return self._planes.blocks()
+        if self._form is not None:
+            return self._form.blocks()
         return self._buffers["weight"]
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A float copy (out_features, in_features) of the weight."""
         dtype = dtype or self.dtype
-        if self._planes is not None:
-            out = torch.empty(self.out_features, self.in_features, dtype=dtype)
+        if self._form is not None:
+            out = torch.empty(self.out_features, self.in_features, dtype=dtype, device=self.device)
             for r in range(0, self.out_features, ROW_CHUNK):
                 rows = torch.arange(r, min(r + ROW_CHUNK, self.out_features))
-                out[r:r + ROW_CHUNK] = self._planes.rows(rows, dtype)
+                out[r:r + ROW_CHUNK] = self._form.rows(rows, dtype)
             return out
         return dequantize(self._buffers["weight"], self.fmt, dtype=dtype)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x @ W.T (+ bias), in x's dtype."""
-        if self._planes is not None and not (torch.is_grad_enabled() and x.requires_grad):
+        grad = torch.is_grad_enabled() and x.requires_grad
+        if isinstance(self._form, Int4Planes) and not grad:
             if x.device.type != "cpu":
                 raise RuntimeError(f"input on {x.device} but the quantized weight is on cpu; move the model with .to()")
             shape = x.shape
-            y = self._planes.matmul(x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous())
+            y = self._form.matmul(x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous())
             y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        elif isinstance(self._form, GroupCodes):
+            y = F.linear(x, self._form.weight(x.dtype, reuse=not grad))
         else:
             y = F.linear(x, self.dequantize(x.dtype))
         return y if bias is None else y + bias
@@ -177,8 +254,8 @@ class QuantModule(nn.Module):
     def lookup(self, idx: torch.Tensor) -> torch.Tensor:
         """Rows of the weight for token ids idx (...) -> (..., in_features) in self.dtype."""
         flat = idx.reshape(-1)
-        if self._planes is not None:
-            rows = self._planes.rows(flat.cpu(), self.dtype)
+        if self._form is not None:
+            rows = self._form.rows(flat.cpu() if isinstance(self._form, Int4Planes) else flat, self.dtype)
         else:
             rows = dequantize(self._buffers["weight"][flat], self.fmt, dtype=self.dtype)
         return rows.reshape(*idx.shape, self.in_features)
@@ -194,7 +271,7 @@ class QuantModule(nn.Module):
         if "weight" not in self._buffers:
             self._buffers["weight"] = torch.empty(self.out_features, self.fmt.row_bytes(self.in_features),
                                                   dtype=torch.uint8, device=self.device)
-        self._planes = None
+        self._form = None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if self._buffers["weight"].device.type != "meta":
@@ -202,9 +279,9 @@ class QuantModule(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # .to(), .cuda(), .float(): move the packed bytes, rebuild the runtime form for the new device
-        if self._planes is not None:
-            self._buffers["weight"] = self._planes.blocks()
-            self._planes = None
+        if self._form is not None:
+            self._buffers["weight"] = self._form.blocks()
+            self._form = None
         probe = fn(torch.empty(0, dtype=self.dtype, device=self._buffers["weight"].device))
         self.dtype = probe.dtype
         out = super()._apply(fn, recurse)
@@ -214,7 +291,7 @@ class QuantModule(nn.Module):
 
     def runtime_tensors(self) -> list[torch.Tensor]:
         """Every tensor the module holds (for memory accounting and tests)."""
-        held = list(self._planes.tensors()) if self._planes is not None else []
+        held = list(self._form.tensors()) if self._form is not None else []
         own = list(self._buffers.values()) + list(self._parameters.values())
         return held + [t for t in own if t is not None]
 
@@ -226,12 +303,17 @@ class QuantModule(nn.Module):
                 f"kernel={self.kernel}")
 
 
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+
+
 class QuantLinear(QuantModule):
     """nn.Linear with a packed weight: y = x W^T + b, W dequantized on the fly or never (packed kernels)."""
 
     def __init__(self, in_features: int, out_features: int, fmt: str | Format, bias: bool = True, device=None,
-                 dtype: torch.dtype = torch.float32):
-        super().__init__(fmt, out_features, in_features, device=device, dtype=dtype)
+                 dtype: torch.dtype = torch.float32, backend: str = "int4pack"):
+        super().__init__(fmt, out_features, in_features, device=device, dtype=dtype, backend=backend)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False)
         else:
@@ -256,8 +338,8 @@ class QuantEmbedding(QuantModule):
     """nn.Embedding with a packed table (num_embeddings, embedding_dim); its weight can serve as a tied head."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, fmt: str | Format, device=None,
-                 dtype: torch.dtype = torch.float32):
-        super().__init__(fmt, num_embeddings, embedding_dim, device=device, dtype=dtype)
+                 dtype: torch.dtype = torch.float32, backend: str = "int4pack"):
+        super().__init__(fmt, num_embeddings, embedding_dim, device=device, dtype=dtype, backend=backend)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
 
     @classmethod
@@ -306,17 +388,20 @@ def quantize_model(model: nn.Module, types: dict[str, str], importance: dict[str
     return model
 
 
-def prepare_quantized(model: nn.Module, types: dict[str, str], dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Swap each named weight's module for an empty quantized module on the same device (meta, to load into)."""
+def prepare_quantized(model: nn.Module, types: dict[str, str], dtype: torch.dtype = torch.float32,
+                      backend: str = "int4pack") -> nn.Module:
+    """Swap each named weight's module for an empty quantized module on the same device (meta, to load into),
+    whose packed bytes will take the runtime form of `backend`."""
     for tensor_name, fmt in types.items():
         name = module_name(tensor_name)
         old = model.get_submodule(name)
         device = old.weight.device
         if isinstance(old, nn.Linear):
             new = QuantLinear(old.in_features, old.out_features, fmt, bias=old.bias is not None, device=device,
-                              dtype=dtype)
+                              dtype=dtype, backend=backend)
         elif isinstance(old, nn.Embedding):
-            new = QuantEmbedding(old.num_embeddings, old.embedding_dim, fmt, device=device, dtype=dtype)
+            new = QuantEmbedding(old.num_embeddings, old.embedding_dim, fmt, device=device, dtype=dtype,
+                                 backend=backend)
         else:
             raise ValueError(f"{tensor_name}: a {type(old).__name__} cannot hold a quantized weight")
         _swap(model, name, new)
@@ -328,8 +413,9 @@ def quant_modules(model: nn.Module) -> dict[str, QuantModule]:
 
 
 def set_backend(model: nn.Module, backend: str) -> nn.Module:
-    """Switch every quantized module: "blocks" dequantizes on the fly (autograd through the input, QLoRA);
-    "auto" uses the packed CPU kernels where they apply."""
+    """Switch every quantized module's runtime form: "int4pack" (torch's packed CPU kernel where it applies),
+    "dequantize" (codes dequantized into a reused buffer) or "blocks" (the block bytes dequantized for each
+    product: autograd through the input, QLoRA)."""
     for m in quant_modules(model).values():
         m.set_backend(backend)
     return model

@@ -7,21 +7,34 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from conftest import imported_hf_model, tiny_model
 
+from lbdl_cli import kernels
 from lbdl_cli.checkpoint import save_model
 from lbdl_cli.errors import CheckpointError, ConfigError
 from lbdl_cli.sample import (
-    SamplingConfig, TextStream, apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p, generate,
-    inference_layout, load_for_inference, next_tokens,
+    SamplingConfig,
+    TextStream,
+    apply_min_p,
+    apply_repetition_penalty,
+    apply_top_k,
+    apply_top_p,
+    generate,
+    load_for_inference,
+    next_tokens,
 )
-
-from conftest import imported_hf_model, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SEP = "<|sep|>"
 
 
 # --- fixtures and helpers ------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def private_kernel_cache(tmp_path_factory, monkeypatch):
+    """The machine probe (consulted for bfloat16 and quantized models) never reads or writes the user's cache."""
+    monkeypatch.setenv(kernels.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "lbdl-cache"))
 
 
 @pytest.fixture(scope="session")
@@ -129,7 +142,10 @@ def test_top_k_keeps_the_k_largest():
 
 def test_top_p_known_answer_and_transformers_oracle():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    kept = lambda p: torch.isfinite(apply_top_p(probs.log(), p)).tolist()[0]
+
+    def kept(p):
+        return torch.isfinite(apply_top_p(probs.log(), p)).tolist()[0]
+
     assert kept(0.75) == [True, True, False, False]  # 0.5 + 0.3 reaches 0.75
     assert kept(0.85) == [True, True, True, False]
     assert kept(0.01) == [True, False, False, False]
@@ -165,7 +181,8 @@ def test_sampling_draws_from_the_softmax():
 @pytest.mark.parametrize("bad, fragment", [
     (dict(temperature=-0.1), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
     (dict(top_k=-1), "top_k"), (dict(min_p=1.5), "min_p"), (dict(repetition_penalty=0.0), "repetition_penalty"),
-    (dict(max_new_tokens=0), "max_new_tokens"), (dict(stop=("",)), "stop"), (dict(temperature=float("nan")), "temperature"),
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(stop=("",)), "stop"),
+    (dict(temperature=float("nan")), "temperature"),
 ])
 def test_sampling_config_rejects_bad_values(bad, fragment):
     with pytest.raises(ConfigError, match=fragment):
@@ -335,56 +352,44 @@ def test_fused_qkv_follows_in_place_weight_changes():
     assert out.token_ids == stepwise_argmax(model, prompt, 12)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_inference_layout_keeps_values_outputs_and_saving(family, tmp_path, monkeypatch):
-    from lbdl_cli import model as model_module
-    from lbdl_cli.checkpoint import load_model
-
-    monkeypatch.setattr(model_module, "_ONEDNN", [False])  # a torch without oneDNN: F.linear's MKL product
-    model = tiny_model(family=family)
-    x = torch.randint(0, 97, (2, 20))
-    with torch.no_grad():
-        before = model(x)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    inference_layout(model)
-    assert not model.blocks[0].mlp.up_proj.weight.is_contiguous()  # column-major now
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, state[k])
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
-    save_model(model, tmp_path / "m")
-    reloaded, _ = load_model(tmp_path / "m")
-    for k, v in reloaded.state_dict().items():
-        assert torch.equal(v, state[k])
-
-
-def test_inference_layout_keeps_only_large_matrices_with_fewer_outputs_row_major():
-    from lbdl_cli import model as model_module
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoding_with_the_inference_layout_equals_the_full_forward(dtype):
+    """Laid out for the decoding kernels (split_gemv and oneDNN in float32; gemv_without_onednn in bfloat16), a model's
+    one-token steps through the KV cache give the logits of the unlaid model's full forward (bfloat16 to its
+    precision), and greedy float32 decoding gives the tokens of a full forward per token."""
     from lbdl_cli.model import GPT, ModelConfig
 
-    if not model_module._onednn_fp32():
-        pytest.skip("this torch has no oneDNN linear")
-    model = GPT(ModelConfig(vocab_size=97, block_size=16, n_layer=1, n_head=4, n_embd=512)).eval()
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=97, block_size=16, n_layer=1, n_head=4, n_embd=512)).eval().to(dtype)
+    x = torch.randint(0, 97, (1, 12))
     prompt = [4, 8, 15, 16, 23]
+    with torch.no_grad():
+        full = model(x).float()
     expected = stepwise_argmax(model, prompt, 6)
-    inference_layout(model)
-    attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
-
-    def column_major(w):
-        return w.stride() == (1, w.shape[0])
-
-    assert column_major(attn.q_proj.weight) and column_major(mlp.up_proj.weight)  # 1 MiB+, out >= in: split
-    assert mlp.down_proj.weight.is_contiguous()  # 4 MiB, 512 outputs of 2048 inputs: oneDNN
-    assert column_major(model.tok_emb.weight)  # 97 x 512: small, MKL
-    [out] = generate(model, None, [prompt], greedy(max_new_tokens=6))
-    assert out.token_ids == expected
+    kernels.inference_layout(model.matrices())
+    cache = model.new_cache(1)
+    with torch.inference_mode():
+        steps = torch.cat([model(x[:, i:i + 1], cache=cache) for i in range(12)], dim=1).float()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(steps, full, rtol=tol, atol=tol * full.abs().max().item())
+    if dtype == torch.float32:
+        [out] = generate(model, None, [prompt], greedy(max_new_tokens=6))
+        assert out.token_ids == expected
 
 
-def test_bfloat16_decoding_restores_the_onednn_setting():
+def test_decoding_leaves_the_onednn_switch_as_the_caller_set_it():
+    """bfloat16 decoding turns oneDNN off for single products only (kernels.gemv_without_onednn): on, it is on
+    after a generation whose window slid; off (the caller's choice), it stays off."""
     model = tiny_model().to(torch.bfloat16)
-    before = torch.backends.mkldnn.enabled
-    generate(model, None, [[1, 2, 3]], greedy(max_new_tokens=40))  # slides (block 32) inside the loop
-    assert torch.backends.mkldnn.enabled == before
+    [on] = generate(model, None, [[1, 2, 3]], greedy(max_new_tokens=40))  # slides (block 32) inside the loop
+    assert torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        [off] = generate(model, None, [[1, 2, 3]], greedy(max_new_tokens=40))
+        assert not torch.backends.mkldnn.enabled
+    finally:
+        torch.backends.mkldnn.enabled = True
+    assert len(on.token_ids) == len(off.token_ids) == 40
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -409,7 +414,7 @@ def test_cuda_greedy_equals_cpu_greedy_first_tokens(dtype):
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_greedy_tokens_equal_transformers_generate(arch, tmp_path):
     hf, model = imported_hf_model(arch, tmp_path, noise=0.2)
-    inference_layout(model)  # as load_for_inference (the CLI) lays it out
+    kernels.inference_layout(model.matrices())  # as load_for_inference (the CLI) lays it out
     prompt = [5, 17, 3, 42, 8, 99]
     [ours] = generate(model, None, [prompt], greedy(max_new_tokens=30))
     with torch.no_grad():
@@ -443,9 +448,14 @@ def test_generate_command_json(cli, model_dir):
     result = r.json()
     assert len(result["results"]) == 2 and result["new_tokens"] == 18
     for g in result["results"]:
-        assert g["new_tokens"] == 9 and g["prompt_tokens"] > 0 and g["finish_reason"] == "length"
-        assert g["prefill_tokens_per_s"] > 0 and g["decode_tokens_per_s"] > 0 and isinstance(g["text"], str)
-    assert result["prefill_tokens_per_s"] > 0 and result["decode_tokens_per_s"] > 0
+        assert g["new_tokens"] == 9 and g["decode_steps"] == 8 and g["finish_reason"] == "length"
+        assert g["batch_size"] == 2 and isinstance(g["text"], str)
+        assert g["prefill_tokens_per_s"] == pytest.approx(g["prompt_tokens"] / g["prefill_s"])
+        assert g["decode_tokens_per_s"] == pytest.approx(8 / g["decode_s"])
+    # the totals count the batch once: its prompt twice (two rows), its steps twice
+    g = result["results"][0]
+    assert result["prompt_tokens"] == 2 * g["prompt_tokens"] and result["decode_s"] == g["decode_s"]
+    assert result["decode_tokens_per_s"] == pytest.approx(16 / g["decode_s"])
     assert result["sampling"]["top_k"] == 50 and result["sampling"]["seed"] == 3
     again = cli("generate", model_dir, "To be", "--temperature", "0.9", "--top-k", "50", "--seed", "3", "-n", "9",
                 "--num-samples", "2", "--json").json()
@@ -494,7 +504,8 @@ def test_generate_bad_input_is_one_line_exit_2(case, cli, model_dir, tmp_path, m
 
     if case == "default-missing":  # the bundled model's absence, as default_model_dir reports it
         def missing():
-            raise CheckpointError("the bundled default model is missing from models/default; reinstall lbdl or name a model directory")
+            raise CheckpointError("the bundled default model is missing from models/default; reinstall lbdl or "
+                                  "name a model directory")
         monkeypatch.setattr(checkpoint, "default_model_dir", missing)
     args = {
         "missing-model": [tmp_path / "nope", "Hi"],
@@ -517,5 +528,6 @@ def test_generate_bad_input_is_one_line_exit_2(case, cli, model_dir, tmp_path, m
     expected = {"missing-model": "does not exist", "default-missing": "bundled default model", "empty-prompt": "empty",
                 "special-only": "only special tokens", "negative-temperature": "temperature",
                 "top-p-zero": "top_p", "top-p-above-one": "top_p", "negative-top-k": "top_k",
-                "no-tokenizer": "tokenizer.model", "no-prompt": "no prompt", "missing-prompt-file": "does not exist"}[case]
+                "no-tokenizer": "tokenizer.model", "no-prompt": "no prompt",
+                "missing-prompt-file": "does not exist"}[case]
     assert expected in lines[0]

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import typer
 
-from .output import (DTYPE_OPTION, FORCE_OPTION, JSON_OPTION, SEED_OPTION, console, emit, human_bytes,
-                     human_count, kv_table)
+from .output import (
+    DTYPE_OPTION,
+    FORCE_OPTION,
+    JSON_OPTION,
+    SEED_OPTION,
+    console,
+    emit,
+    esc,
+    human_bytes,
+    human_count,
+    kv_table,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -15,16 +27,30 @@ def register(app: typer.Typer) -> None:
 
 
 def info(
-    model: str = typer.Argument(..., help="Model directory."),
+    ctx: typer.Context,
+    model: Optional[str] = typer.Argument(None, metavar="MODEL", help="Model directory (optional with --system)."),
+    system: bool = typer.Option(False, "--system", help="Show this machine: the CPU's capabilities, the kernel "
+                                "probe's timings and what they chose."),
     as_json: bool = JSON_OPTION,
 ):
-    """Show a model's config, parameter count, size, dtype, tokenizer and quantization."""
+    """Show a model's config, parameter count, size, dtype, tokenizer and quantization; or this machine (--system)."""
+    if model is None and not system:
+        ctx.fail("Missing argument 'MODEL': give a model directory, or --system.")
+    if system:
+        from ..kernels import system_info
+
+        machine = system_info()
+    if model is None:
+        emit(machine, as_json, lambda: render_system(machine))
+        return
     from ..checkpoint import model_info
 
     result = model_info(model)
+    if system:
+        result["system"] = machine
 
     def render():
-        console.print(f"[bold]{result['path']}[/bold]  (format_version {result['format_version']})")
+        console.print(f"[bold]{esc(result['path'])}[/bold]  (format_version {result['format_version']})")
         rows = {
             "parameters": f"{human_count(result['params'])} ({result['params']:,})",
             "forward GFLOPs/token": f"{result['flops_per_token'] / 1e9:.4f}",
@@ -45,8 +71,32 @@ def info(
             for t in result["tensors"]:
                 table.add_row(t["name"], "x".join(map(str, t["shape"])), t["type"], human_bytes(t["bytes"]))
             console.print(table)
+        if system:
+            render_system(machine)
 
     emit(result, as_json, render)
+
+
+def render_system(machine: dict) -> None:
+    """The CPU, the probe's timings and the choices, as tables."""
+    from rich.table import Table
+
+    cpu = machine["cpu"]
+    console.print(kv_table({
+        "cpu": esc(cpu["model"]), "torch": cpu["torch"], "vector ISA": cpu["capability"],
+        "AVX-512": _yes(cpu["avx512"]), "AVX-512 bf16": _yes(cpu["avx512_bf16"]), "AMX": _yes(cpu["amx"]),
+        "native bfloat16 (oneDNN)": _yes(cpu["native_bf16"]), "threads": cpu["threads"],
+    }, title="CPU"))
+    probe = machine["probe"]
+    table = Table("product (1024 x 1024)", "microseconds", title=f"kernel probe ({esc(probe['cache'])})")
+    for name, us in probe["timings_us"].items():
+        table.add_row(name.replace("_", " "), f"{us:,.1f}")
+    console.print(table)
+    console.print(kv_table({k.replace("_", " "): v for k, v in machine["choices"].items()}, title="chosen"))
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
 
 
 def init(

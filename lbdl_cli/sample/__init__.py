@@ -20,22 +20,26 @@ text)` as it is decoded, and through the returned `Generation`s.
 
 Speed on a CPU, where a small model's decoding is bound by reading its weights
 once per token: q, k and v are one matrix multiply (model.py), the KV cache is
-float32 and sized for the prompt plus max_new_tokens, each float32 product runs
-through the kernel that is fastest for its matrix's shape and layout (`model.linear`,
-`loading.inference_layout`: MKL, a product split over threads, or oneDNN's linear),
-and a single bfloat16 sequence decodes with torch's own matrix-vector kernels instead
-of oneDNN's (`decode._single_row_gemv`).
+float32 and sized for the prompt plus max_new_tokens, and every product runs
+through the kernel that is fastest for its rows, dtype and layout, chosen per
+call (`lbdl_cli.kernels`; `load_for_inference` lays the matrices out for them).
 """
 
+from ..kernels import resolve_device  # re-exported for the CLI modules that import it from here
 from .decode import Generation, NoticeCallback, generate, summarize
-from .loading import inference_layout, load_for_inference, resolve_device
+from .loading import load_for_inference
 from .processors import (
-    SamplingConfig, apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p, next_tokens,
+    SamplingConfig,
+    apply_min_p,
+    apply_repetition_penalty,
+    apply_top_k,
+    apply_top_p,
+    next_tokens,
 )
 from .text import STREAM_CONTEXT, TextStream, TokenCallback, encode_prompt
 
 __all__ = [
     "Generation", "NoticeCallback", "STREAM_CONTEXT", "SamplingConfig", "TextStream", "TokenCallback",
     "apply_min_p", "apply_repetition_penalty", "apply_top_k", "apply_top_p", "encode_prompt", "generate",
-    "inference_layout", "load_for_inference", "next_tokens", "resolve_device", "summarize",
+    "load_for_inference", "next_tokens", "resolve_device", "summarize",
 ]

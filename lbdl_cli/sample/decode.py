@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -118,30 +117,6 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-@contextlib.contextmanager
-def _onednn(enabled: bool):
-    """Switch torch's use of oneDNN (mkldnn) on CPUs, and back on exit."""
-    import torch
-
-    previous = torch.backends.mkldnn.set_flags(enabled, None, None, None)[0]
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.set_flags(previous, None, None, None)
-
-
-def _single_row_gemv(model, rows: int):
-    """One-token steps of a single bfloat16 sequence on a CPU skip oneDNN: its kernels are tuned
-    for matrices, and torch's own matrix-vector product reads bfloat16 weights 2-3x faster (with
-    two rows or more, or in float32, oneDNN is as fast or faster). Process-wide while it lasts."""
-    import torch
-
-    w = model.tok_emb.weight
-    if rows == 1 and w.device.type == "cpu" and w.dtype == torch.bfloat16:
-        return _onednn(False)
-    return contextlib.nullcontext()
-
-
 def _generate_batch(*args) -> list[Generation]:
     import torch
 
@@ -196,32 +171,29 @@ def _decode(model, tokenizer, prompt_ids: list[list[int]], rows, num_samples, co
     t1 = time.perf_counter()
     prefill_s, steps = t1 - t0, 0
     n = L
-    onednn = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled  # the caller's setting
-    with _single_row_gemv(model, B):
-        for step in range(config.max_new_tokens):
-            history[:, n] = tok
-            n += 1
-            for row, t in zip(state, tok.tolist()):
-                if row.done:
-                    continue
-                row.ids.append(t)
-                if eos is not None and t == eos:
-                    row.done, row.finish_reason = True, "eos"
-                elif row.stream is not None:
-                    row.add_text(row.stream.push(t))
-                row.emit(on_token)
-            if step == config.max_new_tokens - 1 or all(row.done for row in state):
-                break
-            if cache.length >= block:  # slide: rebuild the cache from the newest `keep` tokens
-                slides += 1
-                notice(context_message())
-                cache.length = 0
-                with _onednn(onednn):  # a prompt-sized pass: the caller's kernels again
-                    logits = model(history[:, n - keep:n], cache=cache, logits_to_keep=1)[:, -1]
-            else:
-                logits = model(history[:, n - 1:n], cache=cache)[:, -1]
-            tok = pick(logits)
-            steps += 1
+    for step in range(config.max_new_tokens):
+        history[:, n] = tok
+        n += 1
+        for row, t in zip(state, tok.tolist()):
+            if row.done:
+                continue
+            row.ids.append(t)
+            if eos is not None and t == eos:
+                row.done, row.finish_reason = True, "eos"
+            elif row.stream is not None:
+                row.add_text(row.stream.push(t))
+            row.emit(on_token)
+        if step == config.max_new_tokens - 1 or all(row.done for row in state):
+            break
+        if cache.length >= block:  # slide: rebuild the cache from the newest `keep` tokens
+            slides += 1
+            notice(context_message())
+            cache.length = 0
+            logits = model(history[:, n - keep:n], cache=cache, logits_to_keep=1)[:, -1]
+        else:
+            logits = model(history[:, n - 1:n], cache=cache)[:, -1]
+        tok = pick(logits)
+        steps += 1
     _sync(device)
     decode_s = time.perf_counter() - t1
 
