@@ -192,11 +192,13 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 
 
 def load_model(dir: str | os.PathLike, dtype: torch.dtype | str | None = None,
-               device: str | torch.device = "cpu") -> tuple[GPT, dict]:
+               device: str | torch.device = "cpu", quant_backend: str | None = None) -> tuple[GPT, dict]:
     """Load a model directory: build on the meta device, then assign the stored tensors.
 
-    Tensors keep their stored dtype unless `dtype` is given. Returns the model
-    (in eval mode) and the parsed config.json.
+    Tensors keep their stored dtype unless `dtype` is given. Quantized weights take
+    the runtime form `quant_backend` names (quant.linear's backends; None: the one
+    this machine runs fastest, kernels.quant_backend). Returns the model (in eval
+    mode) and the parsed config.json.
     """
     dir = Path(dir)
     config = read_config(dir)
@@ -210,8 +212,10 @@ def load_model(dir: str | os.PathLike, dtype: torch.dtype | str | None = None,
     if quantized:  # swap in empty quantized modules: their packed bytes are loaded as they are
         from quant.linear import prepare_quantized
 
+        from ..kernels import quant_backend as fastest
+
         try:
-            prepare_quantized(model, quantized)
+            prepare_quantized(model, quantized, backend=quant_backend or fastest(device))
         except (AttributeError, ValueError) as e:
             raise CheckpointError(f"{dir / CONFIG_FILE}: quantization section does not fit the model ({e})") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
