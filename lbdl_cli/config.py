@@ -35,8 +35,8 @@ def setting(default, help: str, *, low=None, high=None, low_open: bool = False, 
     `low`/`high` bound a number (inclusive; `low_open` makes the low bound exclusive), `choices`
     lists the allowed values of a text field, `flag` renames the CLI flag (default: --field-name),
     `short` adds a short flag, `cli=False` keeps the field out of the command line."""
-    meta = {"help": help, "low": low, "high": high, "low_open": low_open, "choices": tuple(choices) if choices else None,
-            "flag": flag, "short": short, "cli": cli}
+    meta = {"help": help, "low": low, "high": high, "low_open": low_open,
+            "choices": tuple(choices) if choices else None, "flag": flag, "short": short, "cli": cli}
     if isinstance(default, (list, dict, set)):
         raise TypeError("config defaults must be immutable: use a tuple")
     return dataclasses.field(default=default, metadata=meta)
@@ -145,8 +145,8 @@ class Config:
         known = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(d) - set(known))
         if unknown:
-            raise ConfigError(f"{where}: unknown key {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1
-                              else "") + f"; valid keys: {', '.join(known)}")
+            more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r}{more}; valid keys: {', '.join(known)}")
         values = {k: _coerce(v, hints[k], where, k) for k, v in d.items()}
         return cls(**values)
 

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
+
 from tokenizer.config import INVALID_UTF8_CHOICES, TOKENIZER_FILE
 
 from .atomic import atomic_dir, check_out

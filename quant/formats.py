@@ -51,8 +51,7 @@ import torch
 from lbdl_cli.errors import ConfigError
 
 from .kquants import quantize_kquant, search_scale_min, unpack_scale_min
-from .nf4 import (NF4_LEVELS, dequantize_nf4, dequantize_nf4_dq, quantize_nf4, quantize_nf4_dq,  # noqa: F401
-                  row_bytes_dq)
+from .nf4 import NF4_LEVELS, dequantize_nf4, dequantize_nf4_dq, quantize_nf4, quantize_nf4_dq, row_bytes_dq  # noqa: F401
 
 GROUP = 32  # weights per scale in every affine format
 CHUNK = 1 << 20  # weights quantized per step (bounds temporary memory)

@@ -83,7 +83,8 @@ _DYNAMIC = dynamic_map()
 
 
 def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """QLoRA's double quantization of one row's absmaxes (R, nb): codes uint8 (R, nb), group scales (R, ng), mean (R,)."""
+    """QLoRA's double quantization of one row's absmaxes (R, nb): codes uint8 (R, nb), group scales (R, ng),
+    mean (R,)."""
     R, nb = absmax.shape
     ng = math.ceil(nb / DQ_GROUP)
     mean = absmax.mean(dim=-1)

@@ -4,13 +4,12 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_model
 from safetensors.torch import load_file, save_file
 
 from lbdl_cli.checkpoint import load_model, save_model
 from lbdl_cli.checkpoint.hf import export_hf, import_hf
 from lbdl_cli.errors import CheckpointError
-
-from conftest import tiny_model
 
 transformers = pytest.importorskip("transformers")
 
