@@ -118,11 +118,11 @@ def dir_size(d: Path) -> int:
 def build_speed_models(root: Path, tokenizer: Path) -> dict[str, Path]:
     import torch
 
-    from lbdl_cli.checkpoint import create_model, load_model, save_model
+    from lbdl_cli.checkpoint import InitConfig, create_model, load_model, save_model
     from lbdl_cli.quantize import QuantizeConfig, quantize_dir
 
     dirs = {"fp32": root / "fp32"}
-    create_model("gpt2-124m", dirs["fp32"], seed=0)
+    create_model(dirs["fp32"], InitConfig(preset="gpt2-124m", seed=0))
     shutil.copyfile(tokenizer, dirs["fp32"] / "tokenizer.model")
     model, _ = load_model(dirs["fp32"])
     dirs["bf16"] = save_model(model.to(torch.bfloat16), root / "bf16", tokenizer=tokenizer)

@@ -3,15 +3,23 @@ import os
 
 import pytest
 import torch
+from conftest import tiny_model
 from safetensors.torch import save_file
 
 import lbdl_cli.checkpoint as ckpt
+import lbdl_cli.checkpoint.directory as directory
 from lbdl_cli.checkpoint import (
-    atomic_dir, create_model, default_model_dir, load_model, load_preset, model_info, preset_names, save_model,
+    InitConfig,
+    atomic_dir,
+    create_model,
+    default_model_dir,
+    load_model,
+    load_preset,
+    model_info,
+    preset_names,
+    save_model,
 )
 from lbdl_cli.errors import CheckpointError, ConfigError
-
-from conftest import tiny_model
 
 
 @pytest.fixture
@@ -62,7 +70,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "save_file", boom)
+    monkeypatch.setattr(directory, "save_file", boom)
     with pytest.raises(OSError):
         save_model(tiny_model(), tmp_path / "m")
     assert list(tmp_path.iterdir()) == []
@@ -70,7 +78,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
 
 def test_failed_overwrite_keeps_the_old_directory(saved, tmp_path, monkeypatch):
     model, out = saved
-    monkeypatch.setattr(ckpt, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(directory, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
         save_model(model, out, force=True)
     assert load_model(out)[0].config == model.config
@@ -135,7 +143,8 @@ def test_shape_mismatch_names_tensor_and_shapes(saved):
     config = json.loads(path.read_text())
     config["model"]["vocab_size"] = 100
     path.write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"tensor tok_emb.weight has shape \[97, 32\] but the config expects \[100, 32\]"):
+    with pytest.raises(CheckpointError,
+                       match=r"tensor tok_emb.weight has shape \[97, 32\] but the config expects \[100, 32\]"):
         load_model(saved[1])
 
 
@@ -192,21 +201,21 @@ def test_presets_by_exact_name():
 
 
 def test_create_model_and_info(tmp_path):
-    result = create_model("nano", tmp_path / "m", vocab_size=512, seed=3)
+    result = create_model(tmp_path / "m", InitConfig(preset="nano", vocab_size=512, seed=3))
     assert abs(result["initial_loss"] - result["ln_vocab"]) < 0.1
     info = model_info(tmp_path / "m")
     assert info["params"] == result["params"] == load_model(tmp_path / "m")[0].num_params()
     assert info["model"]["vocab_size"] == 512 and info["dtypes"] == ["F32"]
     assert info["size_bytes"] > 4 * info["params"]
     assert info["source"] == {"preset": "nano", "seed": 3}
-    again = create_model("nano", tmp_path / "m2", vocab_size=512, seed=3)
+    again = create_model(tmp_path / "m2", InitConfig(preset="nano", vocab_size=512, seed=3))
     a, b = load_model(tmp_path / "m")[0], load_model(tmp_path / "m2")[0]
     assert again["initial_loss"] == result["initial_loss"]
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
 
 
 def test_default_model_dir_is_clear_when_absent(monkeypatch, tmp_path):
-    monkeypatch.setattr(ckpt, "_presets_root", lambda: tmp_path)
+    monkeypatch.setattr(directory, "_presets_root", lambda: tmp_path)
     with pytest.raises(CheckpointError, match="bundled default model is missing"):
         default_model_dir()
 
@@ -223,4 +232,4 @@ def test_convert_dtype_keeps_tokenizer_and_sections(tmp_path, cli):
     assert torch.equal(loaded.tok_emb.weight, model.tok_emb.weight.to(torch.bfloat16))
     assert model_info(tmp_path / "bf16")["size_bytes"] < 0.6 * model_info(tmp_path / "m")["size_bytes"]
     r = cli("convert", tmp_path / "m", "--dtype", "float16", "--out", tmp_path / "f16")
-    assert r.code == 2 and "choose float32 or bfloat16" in r.err and not (tmp_path / "f16").exists()
+    assert r.code == 2 and "dtype must be one of float32, bfloat16" in r.err and not (tmp_path / "f16").exists()

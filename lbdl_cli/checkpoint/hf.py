@@ -20,8 +20,17 @@ from safetensors.torch import save_file
 from ..errors import CheckpointError
 from ..model import GPT, ModelConfig
 from . import (
-    CONFIG_FILE, PICKLE_FILES, TOKENIZER_FILE, WEIGHTS_FILE, atomic_dir, check_tensors, load_model,
-    open_safetensors, write_json, write_model,
+    CONFIG_FILE,
+    PICKLE_FILES,
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+    atomic_dir,
+    check_tensors,
+    load_model,
+    open_safetensors,
+    parse_dtype,
+    write_json,
+    write_model,
 )
 
 GPT2_TABLE = [
@@ -68,7 +77,8 @@ IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 def _gpt2_config(hf: dict) -> ModelConfig:
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise CheckpointError(f"GPT-2 activation_function {act!r} is not supported; lbdl implements gelu_new (tanh GELU)")
+        raise CheckpointError(f"GPT-2 activation_function {act!r} is not supported; lbdl implements gelu_new (tanh "
+                              f"GELU)")
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
         if hf.get(flag):
             raise CheckpointError(f"GPT-2 option {flag}=true is not supported by lbdl")
@@ -88,13 +98,16 @@ def _llama_config(hf: dict) -> ModelConfig:
     scaling = hf.get("rope_scaling") or {}
     for kind in (rope.get("rope_type"), scaling.get("rope_type", scaling.get("type"))):
         if kind not in (None, "default"):
-            raise CheckpointError(f"Llama rope_type {kind!r} is not supported; lbdl implements the default rotary positions")
+            raise CheckpointError(f"Llama rope_type {kind!r} is not supported; lbdl implements the default rotary "
+                                  f"positions")
     n_head = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // n_head
     if head_dim * n_head != hf["hidden_size"]:
-        raise CheckpointError(f"Llama head_dim {head_dim} x {n_head} heads != hidden_size {hf['hidden_size']}; not supported")
+        raise CheckpointError(f"Llama head_dim {head_dim} x {n_head} heads != hidden_size {hf['hidden_size']}; not "
+                              f"supported")
     if bool(hf.get("attention_bias")) != bool(hf.get("mlp_bias")):
-        raise CheckpointError("Llama attention_bias and mlp_bias differ; lbdl supports biases on all linear layers or none")
+        raise CheckpointError("Llama attention_bias and mlp_bias differ; lbdl supports biases on all linear layers "
+                              "or none")
     return ModelConfig(
         vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 2048),
         n_layer=hf["num_hidden_layers"], n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
@@ -171,7 +184,8 @@ def _read_hf_tensors(dir: Path) -> dict[str, torch.Tensor]:
     else:
         pickled = [p.name for p in dir.iterdir() if p.name in PICKLE_FILES or p.suffix == ".bin"]
         if pickled:
-            raise CheckpointError(f"{dir} holds only {pickled[0]}; lbdl never loads pickle files: save the model with safe_serialization=True")
+            raise CheckpointError(f"{dir} holds only {pickled[0]}; lbdl never loads pickle files: save the model "
+                                  f"with safe_serialization=True")
         raise CheckpointError(f"{dir} has no {WEIGHTS_FILE} or model.safetensors.index.json")
     tensors = {}
     for f in files:
@@ -192,9 +206,12 @@ def _hf_architecture(hf: dict, dir: Path) -> str:
     return arch
 
 
-def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtype | None = None,
+def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtype | str | None = None,
               force: bool = False) -> dict:
-    """Convert a Hugging Face GPT2LMHeadModel / LlamaForCausalLM directory into an lbdl model directory."""
+    """Convert a Hugging Face GPT2LMHeadModel / LlamaForCausalLM directory into an lbdl model directory
+    (`dtype`: None or "auto" keeps the stored precision, float16 excepted)."""
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
     hf_dir = Path(hf_dir)
     if not (hf_dir / CONFIG_FILE).is_file():
         raise CheckpointError(f"{hf_dir} has no {CONFIG_FILE}; expected a Hugging Face model directory")
@@ -250,7 +267,8 @@ def export_hf(model_dir: str | os.PathLike, out: str | os.PathLike, force: bool 
     """Write an lbdl model as a transformers directory (config.json + model.safetensors)."""
     model, config = load_model(model_dir)
     if "quantization" in config:
-        raise CheckpointError(f"{model_dir} is quantized; export the unquantized model (transformers cannot read lbdl's packed blocks)")
+        raise CheckpointError(f"{model_dir} is quantized; export the unquantized model (transformers cannot read "
+                              f"lbdl's packed blocks)")
     cfg = model.config
     fits = {arch: fam["fits"](cfg) for arch, fam in FAMILIES.items()}
     arch = next((a for a, wrong in fits.items() if not wrong), None)

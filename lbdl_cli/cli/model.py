@@ -6,11 +6,11 @@ from typing import Optional
 
 import typer
 
+from ..checkpoint.configs import InitConfig
+from .options import build, config_options
 from .output import (
-    DTYPE_OPTION,
     FORCE_OPTION,
     JSON_OPTION,
-    SEED_OPTION,
     console,
     emit,
     esc,
@@ -99,21 +99,19 @@ def _yes(flag: bool) -> str:
     return "yes" if flag else "no"
 
 
+@config_options(InitConfig)
 def init(
-    preset: str = typer.Option(..., "--preset", help="Model preset (see `lbdl presets`)."),
     out: str = typer.Option(..., "--out", help="Output model directory."),
-    vocab_size: int = typer.Option(None, "--vocab-size", help="Override the preset's vocabulary size."),
-    block_size: int = typer.Option(None, "--block-size", help="Override the preset's context length."),
-    seed: int = SEED_OPTION,
-    dtype: str = DTYPE_OPTION,
     force: bool = FORCE_OPTION,
     as_json: bool = JSON_OPTION,
+    **fields,
 ):
     """Create a freshly initialised model from a preset and check it with one forward pass."""
     from ..checkpoint import create_model
 
-    result = create_model(preset, out, vocab_size=vocab_size, block_size=block_size, seed=seed,
-                          dtype=dtype, force=force)
+    cfg = build(InitConfig, fields)
+    preset = cfg.preset
+    result = create_model(out, cfg, force=force)
 
     def render():
         gap = result["initial_loss"] - result["ln_vocab"]

@@ -20,9 +20,6 @@ err_console = Console(stderr=True, highlight=False)
 
 JSON_OPTION = typer.Option(False, "--json", help="Print one JSON object as the last line of output.")
 FORCE_OPTION = typer.Option(False, "--force", help="Overwrite the output directory if it exists.")
-SEED_OPTION = typer.Option(1337, "--seed", help="Seed for every random step.")
-DTYPE_OPTION = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 (never float16 on CPU).")
-DEVICE_OPTION = typer.Option("auto", "--device", help="auto | cpu | cuda.")
 
 
 def emit(result: dict, as_json: bool, render: Callable[[], None]) -> None:
@@ -114,33 +111,3 @@ def _count(done: float, total: float | None, unit: str) -> str:
         shown = f"{done:,.0f}" + (f"/{total:,.0f}" if total else "") + (f" {unit}" if unit else "")
     return shown
 
-
-@contextlib.contextmanager
-def progress(description: str, total: float | None = None, quiet: bool = False):
-    """OLD callback shape, being replaced by progress_view (delete when no command uses it)."""
-    if quiet or not err_console.is_terminal:
-        yield lambda advance=1, **fields: None
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}")]
-    with Progress(*columns, console=err_console, transient=False) as bar:
-        task = bar.add_task(description, total=total, status="")
-
-        def update(advance=1, status: str | None = None, total: float | None = None):
-            changes = {"advance": advance}
-            if status is not None:
-                changes["status"] = status
-            if total is not None:
-                changes["total"] = total
-            bar.update(task, **changes)
-
-        yield update
