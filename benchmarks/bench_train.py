@@ -49,24 +49,26 @@ def make_shards(root: Path, vocab: int, tokens: int) -> Path:
 
 def lbdl_tokens_per_s(shards: Path, preset: str, batch: int, context: int, dtype: str, compile: bool,
                       steps: int, warmup: int, out: Path) -> float:
-    from lbdl_cli.train import TrainConfig
+    from lbdl_cli.train import TrainConfig, distributed
     from lbdl_cli.train.loop import Trainer
+    from lbdl_cli.train.pretrain import pretraining_parts
 
     times = []
     cfg = TrainConfig(data=str(shards), out=str(out), preset=preset, batch_size=batch, context=context,
                       max_steps=warmup + steps, eval_interval=10**9, log_interval=10**9, dtype=dtype,
                       compile=compile, peak_tflops=1.0)
-    trainer = Trainer(cfg, force=True)
-    step = trainer._train_step
+    with distributed.session(cfg.device) as dist:
+        trainer = Trainer(cfg, pretraining_parts(cfg, dist), dist, force=True)
+        step = trainer.train_step
 
-    def timed():
-        t = time.perf_counter()
-        result = step()
-        times.append(time.perf_counter() - t)
-        return result
+        def timed():
+            t = time.perf_counter()
+            result = step()
+            times.append(time.perf_counter() - t)
+            return result
 
-    trainer._train_step = timed
-    trainer.fit()
+        trainer.train_step = timed
+        trainer.fit()
     return batch * context * steps / sum(times[warmup:])
 
 

@@ -25,7 +25,6 @@ through the kernel that is fastest for its rows, dtype and layout, chosen per
 call (`lbdl_cli.kernels`; `load_for_inference` lays the matrices out for them).
 """
 
-from ..kernels import resolve_device  # re-exported for the CLI modules that import it from here
 from .decode import Generation, NoticeCallback, generate, summarize
 from .loading import load_for_inference
 from .processors import (
@@ -36,10 +35,11 @@ from .processors import (
     apply_top_p,
     next_tokens,
 )
+from .run import GenerateConfig, generate_text
 from .text import STREAM_CONTEXT, TextStream, TokenCallback, encode_prompt
 
 __all__ = [
-    "Generation", "NoticeCallback", "STREAM_CONTEXT", "SamplingConfig", "TextStream", "TokenCallback",
-    "apply_min_p", "apply_repetition_penalty", "apply_top_k", "apply_top_p", "encode_prompt", "generate",
-    "load_for_inference", "next_tokens", "resolve_device", "summarize",
+    "GenerateConfig", "Generation", "NoticeCallback", "STREAM_CONTEXT", "SamplingConfig", "TextStream",
+    "TokenCallback", "apply_min_p", "apply_repetition_penalty", "apply_top_k", "apply_top_p", "encode_prompt",
+    "generate", "generate_text", "load_for_inference", "next_tokens", "summarize",
 ]
