@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from lbdl_cli import kernels
 from lbdl_cli.model import GPT, ModelConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SEP = "<|sep|>"  # the user special token of the shared tokenizer
 
 TINY_GPT2 = dict(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32)
 TINY_LLAMA = dict(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, mlp="swiglu",
@@ -47,6 +53,9 @@ class CliResult:
     def __init__(self, code, out, err):
         self.code, self.out, self.err = code, out, err
 
+    def __iter__(self):  # code, out, err = cli(...)
+        return iter((self.code, self.out, self.err))
+
     def json(self):
         import json
 
@@ -81,3 +90,40 @@ def cli(capsys):
     """The one CLI runner of the tests: `cli(*args, stdin=None)` runs `lbdl ARGS...` in-process and returns
     the exit code, stdout and stderr (and .json(), the last line parsed)."""
     return lambda *args, stdin=None: run_lbdl(args, capsys, stdin)
+
+
+# --- shared fixtures: the probe's cache kept private, a small tokenizer, a tiny model directory -----------------
+
+
+@pytest.fixture(autouse=True)
+def private_kernel_cache(tmp_path_factory, monkeypatch):
+    """The machine probe (consulted for bfloat16 and quantized models) never reads or writes the user's cache."""
+    monkeypatch.setenv(kernels.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "lbdl-cache"))
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory):
+    """A small BPE tokenizer (400 ids, one user special token) trained on tinyshakespeare."""
+    from tokenizer import train
+
+    root = tmp_path_factory.mktemp("tok")
+    (root / "s.txt").write_text((ROOT / "data" / "tinyshakespeare.txt").read_text()[:100_000])
+    train([root / "s.txt"], vocab_size=400, out=root / "tok", special_tokens=(SEP,))
+    return root / "tok"
+
+
+@pytest.fixture(scope="session")
+def tok(tok_dir):
+    from tokenizer import Tokenizer
+
+    return Tokenizer.load(tok_dir)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tok_dir, tmp_path_factory):
+    """A tiny random GPT (context 64) with the tokenizer: a complete model directory."""
+    out = tmp_path_factory.mktemp("m") / "model"
+    from lbdl_cli.checkpoint import save_model
+
+    save_model(tiny_model(vocab_size=400, block_size=64), out, tokenizer=tok_dir / "tokenizer.model")
+    return out

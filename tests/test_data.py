@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_lbdl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -288,21 +287,18 @@ def test_uint32_shards_load(tmp_path):
 # --- CLI -----------------------------------------------------------------------------------
 
 
-def run_cli(argv, capsys):
-    r = run_lbdl(argv, capsys)
-    return r.code, r.out, r.err
 
 
-def test_cli_prepare_and_info(corpus, tok_dir, tmp_path, capsys):
+def test_cli_prepare_and_info(corpus, tok_dir, tmp_path, cli):
     out = tmp_path / "shards"
-    code, stdout, err = run_cli(["data", "prepare", corpus, "--tokenizer", tok_dir, "--out", out, "--json"], capsys)
+    code, stdout, err = cli("data", "prepare", corpus, "--tokenizer", tok_dir, "--out", out, "--json")
     assert code == 0, err
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["train_tokens"] == len(load_shards(out)[0]) and result["val_fraction"] == 0.1
-    code, stdout, _ = run_cli(["data", "info", out], capsys)
+    code, stdout, _ = cli("data", "info", out)
     assert code == 0 and f"{result['train_tokens']:,} tokens" in stdout
-    code, stdout, _ = run_cli(["data", "prepare", corpus, "--tokenizer", tok_dir, "--out", out, "--force",
-                               "--seed", 9, "--val-fraction", 0.2], capsys)
+    code, stdout, _ = cli("data", "prepare", corpus, "--tokenizer", tok_dir, "--out", out, "--force",
+                          "--seed", 9, "--val-fraction", 0.2)
     assert code == 0 and read_meta(out)["seed"] == 9 and "wrote" in stdout
 
 
@@ -334,10 +330,10 @@ def bad_cases(tmp: Path, tok_dir: Path) -> dict[str, tuple[list, str]]:
 @pytest.mark.parametrize("case", ["missing file", "empty corpus", "binary file", "invalid UTF-8",
                                   "not a sentencepiece model", "missing tokenizer", "output exists",
                                   "too few documents for val", "bad val fraction", "info on a non-shard dir"])
-def test_cli_bad_input_exit_2_one_line_nothing_written(case, tmp_path, tok_dir, capsys):
+def test_cli_bad_input_exit_2_one_line_nothing_written(case, tmp_path, tok_dir, cli):
     argv, message = bad_cases(tmp_path, tok_dir)[case]
     before = sorted(str(p) for p in tmp_path.rglob("*"))
-    code, stdout, err = run_cli(argv, capsys)
+    code, stdout, err = cli(*argv)
     assert code == 2, (stdout, err)
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith("lbdl: error:") and message in err

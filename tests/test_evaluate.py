@@ -6,9 +6,9 @@ import json
 import math
 
 import pytest
-import test_sample
 import torch
-from conftest import imported_hf_model, tiny_model
+from conftest import ROOT, imported_hf_model, tiny_model
+from test_sample import ScriptedLM
 
 from lbdl_cli.errors import ConfigError, DataError
 from lbdl_cli.evaluate import (
@@ -27,9 +27,6 @@ from lbdl_cli.evaluate import (
 )
 from lbdl_cli.progress import collect
 from lbdl_cli.sample import SamplingConfig, generate, load_for_inference
-
-ROOT, ScriptedLM = test_sample.ROOT, test_sample.ScriptedLM
-tok_dir, tok, model_dir = test_sample.tok_dir, test_sample.tok, test_sample.model_dir  # the shared fixtures
 
 
 @torch.no_grad()

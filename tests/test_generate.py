@@ -4,16 +4,13 @@ generate_text on a tiny model directory: known text, streaming, several prompts,
 from __future__ import annotations
 
 import pytest
-import test_sample
+from conftest import SEP
 
 from lbdl_cli.errors import ConfigError
 from lbdl_cli.progress import collect
 from lbdl_cli.sample import SamplingConfig, generate, load_for_inference
 from lbdl_cli.sample.run import GenerateConfig, generate_text, split_prompts, stop_strings
 from lbdl_cli.sample.text import unescape
-
-SEP = test_sample.SEP
-tok_dir, model_dir = test_sample.tok_dir, test_sample.model_dir  # the shared fixtures
 
 # --- configs ------------------------------------------------------------------------------------
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn as nn
-from conftest import imported_hf_model, tiny_model
+from conftest import SEP, imported_hf_model, tiny_model
 
 from lbdl_cli import kernels
 from lbdl_cli.checkpoint import save_model
@@ -24,43 +22,7 @@ from lbdl_cli.sample import (
     next_tokens,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-SEP = "<|sep|>"
-
-
 # --- fixtures and helpers ------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def private_kernel_cache(tmp_path_factory, monkeypatch):
-    """The machine probe (consulted for bfloat16 and quantized models) never reads or writes the user's cache."""
-    monkeypatch.setenv(kernels.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "lbdl-cache"))
-
-
-@pytest.fixture(scope="session")
-def tok_dir(tmp_path_factory):
-    """A small BPE tokenizer (400 ids, one user special token) trained on tinyshakespeare."""
-    from tokenizer import train
-
-    root = tmp_path_factory.mktemp("tok")
-    (root / "s.txt").write_text((ROOT / "data" / "tinyshakespeare.txt").read_text()[:100_000])
-    train([root / "s.txt"], vocab_size=400, out=root / "tok", special_tokens=(SEP,))
-    return root / "tok"
-
-
-@pytest.fixture(scope="session")
-def tok(tok_dir):
-    from tokenizer import Tokenizer
-
-    return Tokenizer.load(tok_dir)
-
-
-@pytest.fixture(scope="session")
-def model_dir(tok_dir, tmp_path_factory):
-    """A tiny random GPT (context 64) with the tokenizer: a complete model directory."""
-    out = tmp_path_factory.mktemp("m") / "model"
-    save_model(tiny_model(vocab_size=400, block_size=64), out, tokenizer=tok_dir / "tokenizer.model")
-    return out
 
 
 class ScriptedLM(nn.Module):

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import io
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import sentencepiece as spm
-from conftest import run_lbdl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -507,46 +504,41 @@ def test_encode_decode_and_inspect_calls(tok_dir, tok, corpus):
 # --- CLI -----------------------------------------------------------------------------------
 
 
-def run_cli(argv, capsys, stdin: bytes | None = None, monkeypatch=None):
-    if stdin is not None:
-        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8"))
-    r = run_lbdl(argv, capsys)
-    return r.code, r.out, r.err
 
 
-def test_cli_train_encode_decode_inspect(corpus, tmp_path, capsys, monkeypatch):
+def test_cli_train_encode_decode_inspect(corpus, tmp_path, cli):
     out = tmp_path / "tok"
-    code, stdout, err = run_cli(["tokenizer", "train", corpus, "--vocab-size", 500, "--out", out,
-                                 "--special-tokens", "<|user|>,<|tool|>", "--json"], capsys)
+    code, stdout, err = cli("tokenizer", "train", corpus, "--vocab-size", 500, "--out", out,
+                            "--special-tokens", "<|user|>,<|tool|>", "--json")
     assert code == 0, err
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["vocab_size"] == 500 and result["tokenizer_sha256"] == file_hash(out)
     assert result["special_tokens"]["<|tool|>"] == 5
 
     text = "  Speak, speak.\r\n\tFirst Citizen:  \u2581 😀\n"
-    code, stdout, _ = run_cli(["tokenizer", "encode", out, "-", "--json"], capsys, text.encode(), monkeypatch)
+    code, stdout, _ = cli("tokenizer", "encode", out, "-", "--json", stdin=text.encode())
     assert code == 0
     encoded = json.loads(stdout.strip().splitlines()[-1])
     assert encoded["ids"] == Tokenizer.load(out).encode(text)
 
-    code, stdout, _ = run_cli(["tokenizer", "encode", out, text], capsys)
+    code, stdout, _ = cli("tokenizer", "encode", out, text)
     ids = [int(i) for i in stdout.split()]
     assert ids == encoded["ids"]
 
-    code, stdout, _ = run_cli(["tokenizer", "decode", out, ",".join(map(str, ids))], capsys)
+    code, stdout, _ = cli("tokenizer", "decode", out, ",".join(map(str, ids)))
     assert code == 0 and stdout == text
-    code, stdout, _ = run_cli(["tokenizer", "decode", out, "-"], capsys, json.dumps(encoded).encode(), monkeypatch)
+    code, stdout, _ = cli("tokenizer", "decode", out, "-", stdin=json.dumps(encoded).encode())
     assert code == 0 and stdout == text
 
-    code, stdout, _ = run_cli(["tokenizer", "encode", out, "<|user|>hi", "--special", "--bos", "--pieces"], capsys)
+    code, stdout, _ = cli("tokenizer", "encode", out, "<|user|>hi", "--special", "--bos", "--pieces")
     assert stdout.split()[:2] == ["<bos>", "<|user|>"]
 
-    code, stdout, _ = run_cli(["tokenizer", "inspect", out, "--text", corpus, "--json"], capsys)
+    code, stdout, _ = cli("tokenizer", "inspect", out, "--text", corpus, "--json")
     info = json.loads(stdout.strip().splitlines()[-1])
     assert info["text"]["round_trip"] is True
     assert info["pieces"] == {"special": 6, "byte": 256, "line break": 2, "learned": 500 - 264}
     assert info["training"]["vocab_size"] == 500
-    code, stdout, _ = run_cli(["tokenizer", "inspect", out], capsys)
+    code, stdout, _ = cli("tokenizer", "inspect", out)
     assert code == 0 and "longest pieces" in stdout and file_hash(out)[:16] in stdout
 
 
@@ -583,10 +575,10 @@ CLI_BAD_CASES = [f"train: {name}" for name in BAD_CASES] + [
 
 
 @pytest.mark.parametrize("case", CLI_BAD_CASES)
-def test_cli_bad_input_exit_2_one_line(case, tmp_path, tok_dir, capsys):
+def test_cli_bad_input_exit_2_one_line(case, tmp_path, tok_dir, cli):
     argv, message = cli_bad_cases(tmp_path, tok_dir)[case]
     before = sorted(p.name for p in tmp_path.iterdir())
-    code, stdout, err = run_cli(argv, capsys)
+    code, stdout, err = cli(*argv)
     assert code == 2, (stdout, err)
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith("lbdl: error:") and message in err
@@ -594,12 +586,14 @@ def test_cli_bad_input_exit_2_one_line(case, tmp_path, tok_dir, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_train_force_replaces(corpus, tmp_path, capsys):
+def test_cli_train_force_replaces(corpus, tmp_path, cli):
     out = tmp_path / "tok"
     out.mkdir()
-    code, _, err = run_cli(["tokenizer", "train", corpus, "--vocab-size", 400, "--out", out, "--force"], capsys)
+    (out / "old.txt").write_text("from an earlier run")  # --force replaces the directory, not just adds to it
+    code, _, err = cli("tokenizer", "train", corpus, "--vocab-size", 400, "--out", out, "--force")
     assert code == 0, err
-    assert (out / "tokenizer.model").is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["tokenizer.model", "tokenizer_config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]  # no temporary or old sibling left
 
 
 # --- the benchmark script (smoke test on a tiny corpus) -------------------------------------
