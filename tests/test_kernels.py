@@ -42,10 +42,7 @@ def force_probe(monkeypatch, timings: dict) -> kernels.Probe:
 # --- devices -------------------------------------------------------------------------------------------------
 
 
-def test_resolve_device_is_the_one_resolver():
-    from lbdl_cli import sample
-
-    assert sample.resolve_device is kernels.resolve_device
+def test_resolve_device():
     assert kernels.resolve_device("cpu") == torch.device("cpu")
     assert kernels.resolve_device(torch.device("cpu")) == torch.device("cpu")
     assert kernels.resolve_device(None) == kernels.resolve_device("auto")
