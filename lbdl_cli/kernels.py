@@ -40,16 +40,19 @@ CONTENDED_US = 5000  # a probe whose float32 1024 x 1024 row took longer (under 
 torch = F = None  # bound by _bind_torch() on first use
 _PLAIN: tuple = ()  # the weight types `linear` routes (not a quantized module's packed weight)
 _ROUTED: tuple = ()  # the dtypes it routes
+_onednn_enabled = _enable_onednn = None
 _ONEDNN: list[bool] = []
 ONEDNN_LOCK = threading.Lock()  # held by every bfloat16 CPU product of `linear`: see gemv_without_onednn
 
 
 def _bind_torch():
-    global torch, F, _PLAIN, _ROUTED
+    global torch, F, _PLAIN, _ROUTED, _onednn_enabled, _enable_onednn
     import torch as t
     import torch.nn.functional as f
 
     torch, F, _PLAIN, _ROUTED = t, f, (t.Tensor, t.nn.Parameter), (t.float32, t.bfloat16)
+    # torch.backends.mkldnn.enabled's getter and setter, without its Python property (a product's overhead)
+    _onednn_enabled, _enable_onednn = t._C._get_mkldnn_enabled, t._C._set_mkldnn_enabled
 
 
 # --- devices ------------------------------------------------------------------------------------------------
@@ -125,8 +128,8 @@ def linear(x, weight, bias=None):
       CPU freezing picks);
     - float32, one row by a smaller matrix, or several by a smaller column-major one: F.linear (MKL);
     - bfloat16, one row by a row-major matrix: `gemv_without_onednn`, torch's own matrix-vector kernel
-      (oneDNN's product reads bfloat16 weights at half its speed for one row); anything else in bfloat16:
-      F.linear (oneDNN), under the same lock.
+      (faster than oneDNN's for one row); anything else in bfloat16: F.linear (oneDNN), under the same
+      lock.
 
     Anything else (gradients, autocast in float32, other dtypes or devices, a packed quantized weight, a
     torch without oneDNN) is F.linear."""
@@ -180,8 +183,8 @@ def split_gemv(x, weight, bias, parts: int):
 
 def gemv_without_onednn(x, weight, bias=None):
     """F.linear of one bfloat16 row by a row-major weight through torch's own matrix-vector kernel
-    (float32 accumulation over each weight row, split over threads), which reads bfloat16 weights up to
-    twice as fast as the oneDNN product F.linear picks on CPUs with native bfloat16. torch reaches that
+    (float32 accumulation over each weight row, split over threads), which reads bfloat16 weights faster
+    than the oneDNN product F.linear picks on CPUs with native bfloat16. torch reaches that
     kernel only while its process-wide oneDNN switch is off, so the switch is turned off for this one
     product and back on after it, under ONEDNN_LOCK: every other bfloat16 inference product of `linear`
     takes the same lock, so none of them (another generation's, in another thread) ever runs while it is
@@ -189,15 +192,14 @@ def gemv_without_onednn(x, weight, bias=None):
     product, a training step's, would see it off.) Where the caller turned oneDNN off, it stays off."""
     if F is None:
         _bind_torch()
-    mkldnn = torch.backends.mkldnn
     with ONEDNN_LOCK:
-        if not mkldnn.enabled:
+        if not _onednn_enabled():
             return F.linear(x, weight, bias)
-        mkldnn.enabled = False
+        _enable_onednn(False)
         try:
             return F.linear(x, weight, bias)
         finally:
-            mkldnn.enabled = True
+            _enable_onednn(True)
 
 
 def onednn_available() -> bool:

@@ -21,15 +21,9 @@ SLOW_BF16 = {"float32_prompt": 200.0, "bfloat16_prompt": 6000.0, "float32_row": 
              "dequantize_row": 80.0, "int4pack_row": 120.0}  # AVX2 only: bfloat16 emulated, a slow int4 kernel
 
 
-@pytest.fixture(scope="session")
-def cache_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("lbdl-cache")
-
-
 @pytest.fixture(autouse=True)
-def private_cache(cache_root, monkeypatch):
-    """Never the user's cache: one directory for the session, and this process's probes forgotten after."""
-    monkeypatch.setenv(kernels.CACHE_ENV, str(cache_root))
+def fresh_probes(monkeypatch):
+    """This process's probes forgotten after each test (the cache directory is conftest's private one)."""
     monkeypatch.setattr(kernels, "_PROBES", {})
 
 
