@@ -39,18 +39,18 @@ CONTENDED_US = 5000  # a probe whose float32 1024 x 1024 row took longer (under 
 
 torch = F = None  # bound by _bind_torch() on first use
 _PLAIN: tuple = ()  # the weight types `linear` routes (not a quantized module's packed weight)
-_ROUTED: tuple = ()  # the dtypes it routes
+_F32 = _BF16 = None  # torch.float32 and torch.bfloat16, the dtypes it routes
 _onednn_enabled = _enable_onednn = None
 _ONEDNN: list[bool] = []
 ONEDNN_LOCK = threading.Lock()  # held by every bfloat16 CPU product of `linear`: see gemv_without_onednn
 
 
 def _bind_torch():
-    global torch, F, _PLAIN, _ROUTED, _onednn_enabled, _enable_onednn
+    global torch, F, _PLAIN, _F32, _BF16, _onednn_enabled, _enable_onednn
     import torch as t
     import torch.nn.functional as f
 
-    torch, F, _PLAIN, _ROUTED = t, f, (t.Tensor, t.nn.Parameter), (t.float32, t.bfloat16)
+    torch, F, _PLAIN, _F32, _BF16 = t, f, (t.Tensor, t.nn.Parameter), t.float32, t.bfloat16
     # torch.backends.mkldnn.enabled's getter and setter, without its Python property (a product's overhead)
     _onednn_enabled, _enable_onednn = t._C._get_mkldnn_enabled, t._C._set_mkldnn_enabled
 
@@ -119,7 +119,8 @@ def cpu_capabilities() -> dict:
 
 def linear(x, weight, bias=None):
     """F.linear through the fastest kernel for inference on a CPU (no gradients, not under torch.compile, a
-    plain contiguous input and a plain weight of its dtype laid out by `inference_layout`):
+    plain weight of the input's dtype laid out by `inference_layout`; in float32 a contiguous input and no
+    autocast):
 
     - float32, one row (a decoding step) by a column-major matrix of LARGE_MATRIX entries or more:
       `split_gemv`, a slice of the outputs per thread (F.linear's MKL product runs on one thread);
@@ -131,30 +132,27 @@ def linear(x, weight, bias=None):
       (faster than oneDNN's for one row); anything else in bfloat16: F.linear (oneDNN), under the same
       lock.
 
-    Anything else (gradients, autocast in float32, other dtypes or devices, a packed quantized weight, a
-    torch without oneDNN) is F.linear."""
+    Anything else (gradients, other dtypes or devices, a packed quantized weight, a torch without oneDNN)
+    is F.linear."""
     if F is None:
         _bind_torch()
-    dtype = x.dtype
-    if (dtype in _ROUTED and x.is_cpu and type(weight) in _PLAIN and weight.dtype == dtype
-            and not torch.is_grad_enabled() and x.is_contiguous() and not torch.compiler.is_compiling()):
-        out_features, in_features = weight.shape
-        one_row = x.numel() == in_features
-        if dtype == torch.float32:
-            if torch.is_autocast_enabled("cpu"):  # F.linear's output dtype is autocast's
+    if type(weight) in _PLAIN and x.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        dtype = x.dtype
+        if dtype is _BF16 and weight.dtype is _BF16:
+            if x.numel() == weight.shape[1] and weight.is_contiguous():
+                return gemv_without_onednn(x, weight, bias)
+            with ONEDNN_LOCK:  # never while gemv_without_onednn has oneDNN off
                 return F.linear(x, weight, bias)
-            large, column_major = weight.numel() >= LARGE_MATRIX, weight.stride() == (1, out_features)
+        if dtype is _F32 and weight.dtype is _F32 and x.is_contiguous() and not torch.is_autocast_enabled("cpu"):
+            out_features, in_features = weight.shape
+            one_row, large = x.numel() == in_features, weight.numel() >= LARGE_MATRIX
+            column_major = weight.stride() == (1, out_features)
             if one_row and column_major and large:
                 threads = torch.get_num_threads()
                 if 1 < threads <= out_features:
                     return split_gemv(x, weight, bias, threads)
             elif (column_major and large or weight.is_contiguous() and (large or not one_row)) and onednn_available():
                 return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-        elif one_row and weight.is_contiguous():
-            return gemv_without_onednn(x, weight, bias)
-        else:
-            with ONEDNN_LOCK:  # never while gemv_without_onednn has oneDNN off
-                return F.linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
