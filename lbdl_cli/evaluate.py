@@ -215,7 +215,7 @@ def perplexity_of_file(model_dir: str | os.PathLike | None, path: str | os.PathL
     """`perplexity` of a model directory (None: the bundled default) on a UTF-8 text file."""
     cfg = cfg or PerplexityConfig()
     text = read_text(path, "text file")
-    model, tok, _ = load_for_inference(model_dir, cfg.dtype, cfg.device)
+    model, tok, _ = load_for_inference(model_dir, cfg.dtype, cfg.device, progress=progress)
     ctx = model.config.block_size if cfg.ctx is None else cfg.ctx
     ids = tok.encode(text)
     lengths = token_byte_lengths(tok)
@@ -402,6 +402,6 @@ def task_accuracy_of_file(model_dir: str | os.PathLike | None, path: str | os.Pa
     """`task_accuracy` of a model directory (None: the bundled default) on a JSONL task file."""
     cfg = cfg or TaskConfig()
     records = load_tasks(path)
-    model, tok, _ = load_for_inference(model_dir, cfg.dtype, cfg.device)
+    model, tok, _ = load_for_inference(model_dir, cfg.dtype, cfg.device, progress=progress)
     result = task_accuracy(model, tok, records, cfg.sampling, cfg.extract, cfg.pattern, cfg.batch_size, progress)
     return {"model": str(model_dir) if model_dir is not None else "default", "file": str(path), **result}

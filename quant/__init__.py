@@ -26,7 +26,7 @@ _EXPORTS = {
     "group_affine": "formats", "NF4_LEVELS": "formats",
     "QuantLinear": "linear", "QuantEmbedding": "linear", "QuantModule": "linear", "QuantWeight": "linear",
     "quantize_model": "linear", "prepare_quantized": "linear", "quant_modules": "linear",
-    "set_backend": "linear", "int4_layout": "int4pack",
+    "set_backend": "linear", "BACKENDS": "linear", "int4_layout": "int4pack",
     "RECIPES": "recipe", "Plan": "recipe", "plan": "recipe", "summarize": "recipe",
     "importance_from_ids": "calibrate",
 }

@@ -61,7 +61,7 @@ def generate_text(model_dir: str | os.PathLike | None, prompt: str, cfg: Generat
     cfg = cfg or GenerateConfig()
     prompts = split_prompts(prompt, cfg.each_line)
     sampling = cfg.sampling
-    model, tok, _ = load_for_inference(model_dir, cfg.dtype, cfg.device)
+    model, tok, _ = load_for_inference(model_dir, cfg.dtype, cfg.device, progress=progress)
     for i, p in enumerate(prompts):  # refuse a bad prompt before anything is written
         encode_prompt(tok, p, i if len(prompts) > 1 else None)
     stream = on_text is not None and len(prompts) * cfg.num_samples == 1
