@@ -49,6 +49,13 @@ def imported_hf_model(arch: str, tmp_path, noise: float):
     return hf, model
 
 
+def assert_round_trips(config) -> None:
+    """A config comes back equal from its dict and from its TOML (what a pipeline step is made of)."""
+    cls = type(config)
+    assert cls.from_dict(config.to_dict()) == config
+    assert cls.from_toml(config.to_toml()) == config
+
+
 class CliResult:
     def __init__(self, code, out, err):
         self.code, self.out, self.err = code, out, err

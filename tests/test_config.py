@@ -135,3 +135,37 @@ def test_progress_view_in_a_pipe_prints_only_warnings(capsys):
     assert "watch out" in err and "warning" in err and "an info line" not in err
     assert _count(3, 10, "steps") == "3/10 steps" and _count(1536, 4096, "bytes") == "1.50 KiB/4.00 KiB"
     assert _count(7, None, "windows") == "7 windows"
+
+
+def _command_configs() -> list[type]:
+    """Every config class of the library (each command's options are one of them)."""
+    import importlib
+
+    for module in ("lbdl_cli.sample.run", "lbdl_cli.evaluate", "lbdl_cli.quantize", "lbdl_cli.data",
+                   "lbdl_cli.train.config", "lbdl_cli.checkpoint.configs", "tokenizer.config"):
+        importlib.import_module(module)
+    found, todo = [], list(Config.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if cls.__module__.split(".")[0] in ("lbdl_cli", "tokenizer", "quant"):
+            found.append(cls)
+    return sorted(set(found), key=lambda c: c.__name__)
+
+
+def test_every_command_config_is_found():
+    names = {c.__name__ for c in _command_configs()}
+    assert {"SamplingConfig", "GenerateConfig", "PerplexityConfig", "TaskConfig", "QuantizeConfig", "SweepConfig",
+            "PrepareConfig", "TrainConfig", "InitConfig", "ConvertConfig", "ImportConfig", "ExportConfig",
+            "TokenizerConfig", "EncodeConfig", "DecodeConfig", "InspectConfig"} <= names
+
+
+@pytest.mark.parametrize("cls", _command_configs(), ids=lambda c: c.__name__)
+def test_every_command_config_round_trips_and_refuses_unknown_keys(cls):
+    required = {"QuantizeConfig": {"type": "q4_0"}}.get(cls.__name__, {})  # a field with no default
+    c = cls.from_dict(required)
+    assert cls.from_dict(c.to_dict()) == c
+    assert cls.from_toml(c.to_toml()) == c
+    assert cls.from_toml(c.to_toml(table="step"), table="step") == c
+    with pytest.raises(ConfigError, match=rf"{cls.config_name()}: unknown key 'no_such_key'"):
+        cls.from_dict({**required, "no_such_key": 1})

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_round_trips
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -200,8 +201,7 @@ def test_config_validation():
 @pytest.mark.parametrize("config", [PrepareConfig(), PrepareConfig(val_fraction=0.0, seed=9, split_on="file",
                                                                     invalid_utf8="replace", num_threads=1)])
 def test_config_round_trips(config):
-    assert PrepareConfig.from_dict(config.to_dict()) == config
-    assert PrepareConfig.from_toml(config.to_toml()) == config
+    assert_round_trips(config)
 
 
 def test_config_refuses_unknown_keys_and_values_by_name():

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from conftest import assert_round_trips, tiny_model
 
 from lbdl_cli.checkpoint import load_model, model_info, save_model
 from lbdl_cli.cli.options import build
@@ -35,9 +35,7 @@ CONFIGS = [
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: repr(c))
 def test_configs_round_trip_through_a_dict_and_toml(cfg):
-    cls = type(cfg)
-    assert cls.from_dict(cfg.to_dict()) == cfg
-    assert cls.from_toml(cfg.to_toml()) == cfg
+    assert_round_trips(cfg)
 
 
 @pytest.mark.parametrize("cls, fields", [(QuantizeConfig, {"type": "q4_0"}), (SweepConfig, {})])
