@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from ..train.config import TrainConfig
+from ..train.config import LR_FIND_STEPS, TrainConfig
 from .options import config_options
 from .output import JSON_OPTION, console, emit, progress_view
 
@@ -59,7 +59,7 @@ def train(
 
 def lr_find(
     config: Optional[str] = CONFIG_OPTION,
-    steps: int = typer.Option(20, "--steps", help="Optimizer steps per learning rate."),
+    steps: int = typer.Option(LR_FIND_STEPS, "--steps", min=1, help="Optimizer steps per learning rate."),
     out: Optional[str] = typer.Option(None, "--out", help="Write the loss-vs-lr plot to this PNG (needs matplotlib)."),
     as_json: bool = JSON_OPTION,
     **fields,

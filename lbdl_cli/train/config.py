@@ -17,6 +17,7 @@ SCHEDULES = ("cosine", "constant", "step")
 DTYPES = ("auto", "float32", "bfloat16")
 OVERFIT_STEPS = 200  # --overfit-batch's run length when none is given
 DEFAULT_EPOCHS = 5.0  # the run length when no length is given
+LR_FIND_STEPS = 20  # optimizer steps per learning rate of `lbdl lr-find`
 
 
 @dataclass(frozen=True)

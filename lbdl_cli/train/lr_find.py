@@ -8,7 +8,7 @@ import math
 
 from ..progress import Progress, report
 from . import distributed
-from .config import TrainConfig
+from .config import LR_FIND_STEPS, TrainConfig
 from .loop import Trainer
 from .plot import _pyplot, text_chart
 from .pretrain import pretraining_parts
@@ -16,7 +16,7 @@ from .pretrain import pretraining_parts
 GRID = [10 ** (-5 + k / 2) for k in range(11)]  # 1e-5, 3.2e-5, ..., 1
 
 
-def lr_find(cfg: TrainConfig, steps: int = 20, lrs: list[float] | None = None,
+def lr_find(cfg: TrainConfig, steps: int = LR_FIND_STEPS, lrs: list[float] | None = None,
             progress: Progress | None = None) -> dict:
     """Loss after `steps` constant-lr steps from the same initialisation, for each lr (the mean of the last
     fifth of the steps' losses); reported under the stage "lr-find", one unit an lr.
