@@ -29,9 +29,9 @@ class ModelConfig:
     block_size: int = 256  # the longest context the model accepts
     n_layer: int = 4
     n_head: int = 4
-    n_kv_head: int = 0  # 0 means n_head (plain multi-head attention)
+    n_kv_head: int | None = None  # None: n_head (plain multi-head attention)
     n_embd: int = 128
-    intermediate_size: int = 0  # 0 means 4 * n_embd (gelu) or the Llama rule (swiglu)
+    intermediate_size: int | None = None  # None: 4 * n_embd (gelu) or the Llama rule (swiglu)
     mlp: str = "gelu"  # gelu (GPT-2's tanh approximation) | swiglu
     norm: str = "layernorm"  # layernorm | rmsnorm
     positions: str = "learned"  # learned | rope
@@ -49,10 +49,10 @@ class ModelConfig:
 
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             positive(name)
-        if self.n_kv_head == 0:
+        if self.n_kv_head is None:
             object.__setattr__(self, "n_kv_head", self.n_head)
         positive("n_kv_head")
-        if self.intermediate_size == 0:
+        if self.intermediate_size is None:
             object.__setattr__(self, "intermediate_size", default_intermediate_size(self.n_embd, self.mlp))
         positive("intermediate_size")
         for name, allowed in (("mlp", MLP_KINDS), ("norm", NORM_KINDS), ("positions", POSITION_KINDS)):

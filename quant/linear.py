@@ -39,6 +39,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lbdl_cli.progress import Progress, report
+
 from .formats import GROUP, Format, codes, dequantize, get_format, group_affine, pack_codes, quantize
 from .int4pack import ROW_CHUNK, Int4Planes, int4_layout
 
@@ -369,11 +371,12 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def quantize_model(model: nn.Module, types: dict[str, str], importance: dict[str, torch.Tensor] | None = None,
-                   progress=None) -> nn.Module:
+                   progress: Progress | None = None) -> nn.Module:
     """Replace, in place, each named weight's module (`blocks.0.mlp.up_proj.weight` -> its nn.Linear) by its
-    quantized twin of the given type. The float weights are released as each module is swapped."""
+    quantized twin of the given type. The float weights are released as each module is swapped. Progress:
+    stage "quantizing", one unit per tensor."""
     importance = importance or {}
-    for tensor_name, fmt in types.items():
+    for done, (tensor_name, fmt) in enumerate(types.items(), 1):
         name = module_name(tensor_name)
         old = model.get_submodule(name)
         if isinstance(old, nn.Linear):
@@ -383,8 +386,7 @@ def quantize_model(model: nn.Module, types: dict[str, str], importance: dict[str
         else:
             raise ValueError(f"{tensor_name}: cannot quantize a {type(old).__name__}")
         _swap(model, name, new)
-        if progress is not None:
-            progress(1)
+        report(progress, "quantizing", done, len(types), unit="tensors", status=tensor_name)
     return model
 
 

@@ -261,3 +261,14 @@ def test_quantize_model_in_place_and_backend_switch():
     assert (a - b).abs().max() < 2e-2 * b.abs().max()
     torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-5)
     assert all(isinstance(m, QuantModule) for m in quant_modules(model).values())
+
+
+def test_quantize_model_reports_one_event_per_tensor():
+    from lbdl_cli.progress import collect
+
+    events = []
+    types = {"blocks.0.mlp.up_proj.weight": "q4_0", "blocks.1.mlp.up_proj.weight": "q8_0"}
+    quantize_model(tiny_model(), types, progress=collect(events))
+    assert [(e.stage, e.done, e.total, e.unit, e.status) for e in events] == [
+        ("quantizing", 1, 2, "tensors", "blocks.0.mlp.up_proj.weight"),
+        ("quantizing", 2, 2, "tensors", "blocks.1.mlp.up_proj.weight")]

@@ -84,7 +84,7 @@ def _gpt2_config(hf: dict) -> ModelConfig:
             raise CheckpointError(f"GPT-2 option {flag}=true is not supported by lbdl")
     return ModelConfig(
         vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", 1024), n_layer=hf["n_layer"],
-        n_head=hf["n_head"], n_embd=hf["n_embd"], intermediate_size=hf.get("n_inner") or 0,
+        n_head=hf["n_head"], n_embd=hf["n_embd"], intermediate_size=hf.get("n_inner"),
         mlp="gelu", norm="layernorm", positions="learned", bias=True,
         tie_embeddings=hf.get("tie_word_embeddings", True), dropout=hf.get("resid_pdrop", 0.0),
         norm_eps=hf.get("layer_norm_epsilon", 1e-5),

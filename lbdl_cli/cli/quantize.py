@@ -59,7 +59,7 @@ def _commands() -> typer.Typer:
         as_json: bool = JSON_OPTION,
         **fields,
     ):
-        """Quantize MODEL into a model directory that generate, eval, info and finetune load directly."""
+        """Quantize MODEL into a model directory that generate, eval and info load directly."""
         from ..quantize import quantize_dir
 
         cfg = build(QuantizeConfig, fields)
