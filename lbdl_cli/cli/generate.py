@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from ..checkpoint.configs import CONFIG_FILE
 from ..sample.run import GenerateConfig
 from .options import build, config_options
 from .output import JSON_OPTION, emit, err_console, progress_view
@@ -39,7 +40,7 @@ def _model_and_prompt(args: list[str], prompt_file: str | None) -> tuple[str | N
         return (args[0] if args else None), _read_prompt(prompt_file, True)
     if len(args) == 2:
         return args[0], _read_prompt(args[1], False)
-    if len(args) == 1 and not (Path(args[0]) / "config.json").is_file():
+    if len(args) == 1 and not (Path(args[0]) / CONFIG_FILE).is_file():
         return None, _read_prompt(args[0], False)
     raise ConfigError("no prompt given: pass PROMPT (after the model), --prompt-file FILE, or - to read stdin")
 
