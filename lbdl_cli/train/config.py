@@ -63,7 +63,8 @@ class TrainConfig(Config):
     # evaluation and checkpoints
     eval_interval: int = setting(50, "Evaluate on the validation shard and checkpoint every N steps.", low=1)
     eval_batches: int = setting(20, "Validation batches per evaluation (a fixed set).", low=1)
-    patience: int = setting(0, "Early stopping: stop after N evaluations without improvement (0: never).", low=0)
+    patience: int | None = setting(None, "Early stopping: stop after N evaluations without improvement (none: "
+                                         "never).", low=1)
     log_interval: int = setting(10, "Log loss, lr, grad norm, tokens/s and MFU every N steps.", low=1)
     # numerics and devices
     dtype: str = setting("auto", "auto (bf16 autocast where the hardware has it) | float32 | bfloat16.",

@@ -184,7 +184,7 @@ class Trainer:
                 # evaluate and checkpoint (last; best when improved); stop early when patience ran out
                 if self.step % cfg.eval_interval == 0 or self.step == self.total_steps:
                     self.checkpoint(best=self.validate())
-                    if cfg.patience and self.bad_evals >= cfg.patience:
+                    if cfg.patience is not None and self.bad_evals >= cfg.patience:
                         stop_reason = "early_stopping"
                         break
         return self.finish(stop_reason, loss)
