@@ -55,7 +55,7 @@ def config_options(config_cls, skip: tuple = (), defaults: dict | None = None):
             help_text = meta.get("help", "")
             if meta.get("choices") and "|" not in help_text:
                 help_text += f" One of: {', '.join(map(str, meta['choices']))}."
-            if multiple:
+            if multiple and "repeat" not in help_text:
                 help_text += " (repeatable)"
             if kind is bool:
                 help_text += rf" \[default: {'on' if default else 'off'}]"  # rich markup: \[ is a bracket
