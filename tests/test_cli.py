@@ -66,7 +66,11 @@ def test_init_info_json(cli, tmp_path):
     r = cli("init", "--preset", "nano", "--out", tmp_path / "m", "--vocab-size", 300, "--json")
     assert r.code == 0
     created = r.json()
-    assert created["params"] > 0 and abs(created["initial_loss"] - created["ln_vocab"]) < 0.1
+    from lbdl_cli.checkpoint import load_preset
+    from lbdl_cli.model import count_params
+
+    assert created["params"] == count_params(load_preset("nano")[0].replace(vocab_size=300))
+    assert abs(created["initial_loss"] - created["ln_vocab"]) < 0.1
     r = cli("info", tmp_path / "m", "--json")
     info = r.json()
     assert info["params"] == created["params"] and info["model"]["vocab_size"] == 300
