@@ -22,52 +22,39 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
-
-from quant.calibrate import importance_from_ids
-from quant.formats import FORMATS, QuantError, get_format, quantize
-from quant.linear import quantize_model
-from quant.recipe import (
+from quant.catalog import (
     DEFAULT_EMBEDDINGS,
     EMBEDDING_CHOICES,
     RECIPES,
-    Plan,
+    TYPES,
+    QuantError,
     check_embeddings,
     check_recipe,
-    plan,
-    quantization_section,
-    summarize,
-    tensor_bytes,
+    type_name,
 )
-from tokenizer import Tokenizer
+from tokenizer.config import TOKENIZER_FILE
 
 from .atomic import atomic_dir, check_out
-from .checkpoint import (
-    CONFIG_FILE,
-    SAFETENSORS_DTYPES,
-    TOKENIZER_FILE,
-    WEIGHTS_FILE,
-    dir_size,
-    load_model,
-    model_config,
-    read_config,
-    tensor_dtypes,
-    write_model,
-)
+from .checkpoint.configs import CONFIG_FILE, WEIGHTS_FILE
 from .config import Config, dtype_setting, setting
 from .errors import ConfigError, DataError
 from .evaluate import perplexity, token_byte_lengths, windows
 from .files import read_text
 from .progress import Progress, report
 
+if TYPE_CHECKING:  # torch and the quantized runtime load inside the functions: the CLI imports the configs
+    import torch
+
+    from quant.recipe import Plan
+
 CALIBRATED_KINDS = ("legacy", "kquant")  # formats whose scale search takes an importance vector
 REFERENCE_BYTES = 512 << 20  # the reference's full log-probabilities are kept up to this size...
 TOP_K = 64  # ...beyond it, its top-k log-probabilities per position and the rest's mass
 PLOT_EXTRA = "the sweep's plot needs matplotlib: pip install 'lbdl[plot]'"
 
-_TYPES = tuple(FORMATS)
+_TYPES = TYPES
 _CALIBRATE_HELP = "Text file: importance weights from squared input activations (imatrix) guide the scale search."
 _EMBEDDINGS_HELP = "Type of the token embeddings and head: a type, 'same' (the base type) or 'keep' (full precision)."
 
@@ -103,7 +90,7 @@ class QuantizeConfig(Config):
     def __post_init__(self):
         if self.type is None:
             raise ConfigError(f"{self.config_name()}: type is required; choose one of {', '.join(_TYPES)} (--type)")
-        _set(self, "type", get_format(self.type).name)
+        _set(self, "type", type_name(self.type))
         _set(self, "recipe", check_recipe(self.recipe))
         _set(self, "embeddings", check_embeddings(self.embeddings))
         _set(self, "calibrate", _path(self.calibrate))
@@ -126,7 +113,7 @@ class SweepConfig(Config):
                                "auto (as stored) | float32 | bfloat16.")
 
     def __post_init__(self):
-        _set(self, "types", _names(self.types, lambda t: get_format(t).name))
+        _set(self, "types", _names(self.types, type_name))
         _set(self, "recipes", _names(self.recipes, check_recipe))
         _set(self, "embeddings", check_embeddings(self.embeddings))
         _set(self, "calibrate", _path(self.calibrate))
@@ -138,6 +125,8 @@ class SweepConfig(Config):
 
 def read_calibration_ids(model_dir: str | os.PathLike, path: str | os.PathLike, ctx: int) -> list[int]:
     """The token ids of a calibration text, encoded with the model directory's tokenizer."""
+    from tokenizer import Tokenizer
+
     text = read_text(path, "calibration file")
     if not (Path(model_dir) / TOKENIZER_FILE).is_file():
         raise DataError(f"{model_dir} has no {TOKENIZER_FILE}, so calibration text cannot be encoded")
@@ -151,6 +140,8 @@ def read_calibration_ids(model_dir: str | os.PathLike, path: str | os.PathLike, 
 def collect_importance(model, model_dir: str | os.PathLike, path: str | os.PathLike,
                        ctx: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Importance vectors of a loaded full-precision model from a calibration text file."""
+    from quant.calibrate import importance_from_ids
+
     ctx = ctx or model.config.block_size
     ids = read_calibration_ids(model_dir, path, ctx)
     importance, info = importance_from_ids(model, ids, ctx)
@@ -170,6 +161,13 @@ def refuse_quantized(config: dict, where) -> None:
 def quantize_dir(model: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeConfig, force: bool = False,
                  progress: Progress | None = None) -> dict:
     """Quantize a model directory into `out` (atomically). Returns what was done, for the CLI."""
+    import torch
+
+    from quant.formats import quantize
+    from quant.recipe import plan, quantization_section, summarize, tensor_bytes
+
+    from .checkpoint import SAFETENSORS_DTYPES, dir_size, load_model, model_config, read_config, write_model
+
     config = read_config(model)
     refuse_quantized(config, model)
     check_out(out, force)
@@ -242,6 +240,8 @@ class Reference:
         self.nbytes = sum(t.numel() * t.element_size() for b in self.batches for t in b)
 
     def _keep(self, logits) -> None:
+        import torch.nn.functional as F
+
         lp = F.log_softmax(logits.float(), dim=-1)
         top1 = lp.argmax(-1)
         if self.full:
@@ -253,6 +253,9 @@ class Reference:
 
     def score(self, model) -> dict:
         """One pass of `model`: its perplexity statistics, kld and same_top against the reference."""
+        import torch
+        import torch.nn.functional as F
+
         sums = {"kl": 0.0, "same": 0, "count": 0, "batch": 0}
 
         def compare(logits) -> None:
@@ -301,8 +304,15 @@ def run_sweep(model: str | os.PathLike, eval_file: str | os.PathLike, cfg: Sweep
     its row says which share of the round-to-nearest row's perplexity increase (and KL divergence)
     calibration removed. With `out`, sweep.json, sweep.md and sweep.png are written there atomically.
     """
+    from quant.formats import FORMATS
+    from quant.linear import quantize_model
+    from quant.recipe import summarize
+    from tokenizer import Tokenizer
+
+    from .checkpoint import load_model, read_config
+
     cfg = cfg or SweepConfig()
-    types = list(cfg.types or FORMATS)
+    types = list(cfg.types or TYPES)
     recipes = list(cfg.recipes or RECIPES)
     if out is not None:
         check_out(out, force)
@@ -364,6 +374,8 @@ def run_sweep(model: str | os.PathLike, eval_file: str | os.PathLike, cfg: Sweep
 
 def _plans(shapes: dict, types: list[str], recipes: list[str], embeddings: str) -> list[Plan]:
     """One plan per type and recipe, those that give the same types as an earlier one left out."""
+    from quant.recipe import plan
+
     plans, seen = [], set()
     for t in types:
         for r in recipes:
@@ -376,6 +388,8 @@ def _plans(shapes: dict, types: list[str], recipes: list[str], embeddings: str) 
 
 
 def _stored_sizes(model: Path, loaded: dict[str, int]) -> dict[str, int]:
+    from .checkpoint import SAFETENSORS_DTYPES, tensor_dtypes
+
     nbytes = {k: v.itemsize for k, v in SAFETENSORS_DTYPES.items()}
     dtypes = tensor_dtypes(model / WEIGHTS_FILE)
     return {k: nbytes.get(dtypes.get(k, ""), v) for k, v in loaded.items()}

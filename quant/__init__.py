@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "FORMATS": "formats", "Format": "formats", "QuantError": "formats", "get_format": "formats",
+    "FORMATS": "formats", "Format": "formats", "QuantError": "catalog", "TYPES": "catalog", "get_format": "formats",
     "quantize": "formats", "dequantize": "formats", "codes": "formats", "pack_codes": "formats",
     "group_affine": "formats", "NF4_LEVELS": "formats",
     "QuantLinear": "linear", "QuantEmbedding": "linear", "QuantModule": "linear", "QuantWeight": "linear",

@@ -48,18 +48,13 @@ from dataclasses import dataclass
 
 import torch
 
-from lbdl_cli.errors import ConfigError
-
+from .catalog import TYPES, QuantError, type_name  # noqa: F401  (QuantError: re-exported)
 from .kquants import quantize_kquant, search_scale_min, unpack_scale_min
 from .nf4 import NF4_LEVELS, dequantize_nf4, dequantize_nf4_dq, quantize_nf4, quantize_nf4_dq, row_bytes_dq  # noqa: F401
 
 GROUP = 32  # weights per scale in every affine format
 CHUNK = 1 << 20  # weights quantized per step (bounds temporary memory)
 
-
-
-class QuantError(ConfigError):
-    """A tensor or a type that cannot be quantized: the message names it and the fix."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +123,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("nf4_dq", 64, 33, 4, "nf4_dq", True, None,
            "4-bit NormalFloat, absmax per 64 double-quantized to 8 bits per 256 (QLoRA)"),
 )}
+assert tuple(FORMATS) == TYPES, "quant.catalog.TYPES lists FORMATS, in order"
 SYMMETRIC_OFFSET = {"q8_0": 128, "q4_0": 8, "q5_0": 16}  # codes are stored as q + c
 
 
@@ -135,10 +131,7 @@ def get_format(name: str | Format) -> Format:
     """A format by name (case-insensitive); the error lists the valid ones."""
     if isinstance(name, Format):
         return name
-    fmt = FORMATS.get(str(name).lower())
-    if fmt is None:
-        raise QuantError(f"unknown quantization type {name!r}; valid types: {', '.join(FORMATS)}")
-    return fmt
+    return FORMATS[type_name(name)]
 
 
 # --- public API ----------------------------------------------------------------------------

@@ -31,20 +31,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .formats import FORMATS, QuantError, get_format
+from .catalog import DEFAULT_EMBEDDINGS, EMBEDDING_CHOICES, RECIPES, check_embeddings, check_recipe  # noqa: F401
+from .formats import FORMATS, get_format
 
-RECIPES = {
-    "pure": "every linear layer gets the base type",
-    "s": "attention V gets the next type up",
-    "m": "attention V and the feed-forward down projection get the next type up",
-    "l": "attention V and every feed-forward weight get the next type up",
-}
 MORE_BITS = {"pure": (), "s": ("attn_v",), "m": ("attn_v", "ffn_down"),
              "l": ("attn_v", "ffn_down", "ffn_up", "ffn_gate")}
 STEP_UP = {"q4_0": "q5_0", "q5_0": "q8_0", "q4_1": "q5_1", "q5_1": "q8_0", "q4_k": "q5_k", "q5_k": "q8_0",
            "nf4": "q8_0", "nf4_dq": "q8_0", "q8_0": "q8_0"}
-DEFAULT_EMBEDDINGS = "q8_0"
-EMBEDDING_CHOICES = ("keep", "same")
 
 ROLE_PATTERNS = (
     (re.compile(r"blocks\.\d+\.attn\.v_proj\.weight$"), "attn_v"),
@@ -62,21 +55,6 @@ def role(name: str) -> str | None:
         if pattern.match(name):
             return r
     return None
-
-
-def check_recipe(recipe: str) -> str:
-    r = str(recipe).lower()
-    if r not in RECIPES:
-        raise QuantError(f"unknown recipe {recipe!r}; valid recipes: {', '.join(RECIPES)}")
-    return r
-
-
-def check_embeddings(embeddings: str) -> str:
-    e = str(embeddings).lower()
-    if e not in EMBEDDING_CHOICES and e not in FORMATS:
-        valid = ", ".join(EMBEDDING_CHOICES + tuple(FORMATS))
-        raise QuantError(f"unknown embeddings type {embeddings!r}; valid: {valid}")
-    return e
 
 
 def display_name(qtype: str, recipe: str) -> str:

@@ -5,30 +5,15 @@ from __future__ import annotations
 import typer
 from typer.core import TyperGroup
 
+from ..quantize import QuantizeConfig, SweepConfig
 from .options import build, config_options
 from .output import FORCE_OPTION, JSON_OPTION, console, emit, human_bytes, human_count, note, progress_view
 
 
 class _DefaultCommandGroup(TyperGroup):
-    """`lbdl quantize MODEL ...` runs the hidden `model` command; `lbdl quantize sweep ...` the sweep.
-
-    The two commands are made on first use: their flags come from the configs of lbdl_cli.quantize, whose
-    choices come from quant.formats (which imports torch), and `lbdl --help` must not import torch."""
-
-    def _load(self) -> None:
-        if not self.commands:
-            self.commands.update(typer.main.get_group(_commands()).commands)
-
-    def list_commands(self, ctx):
-        self._load()
-        return super().list_commands(ctx)
-
-    def get_command(self, ctx, name):
-        self._load()
-        return super().get_command(ctx, name)
+    """`lbdl quantize MODEL ...` runs the hidden `model` command; `lbdl quantize sweep ...` the sweep."""
 
     def parse_args(self, ctx, args):
-        self._load()
         if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
             args = ["model", *args]
         return super().parse_args(ctx, args)
@@ -45,48 +30,42 @@ def register(root: typer.Typer) -> None:
     root.add_typer(app, name="quantize")
 
 
-def _commands() -> typer.Typer:
-    from ..quantize import QuantizeConfig, SweepConfig
+@app.command("model", hidden=True)
+@config_options(QuantizeConfig)
+def quantize(
+    model: str = typer.Argument(..., help="Full-precision model directory."),
+    out: str = typer.Option(..., "--out", help="Output model directory."),
+    force: bool = FORCE_OPTION,
+    as_json: bool = JSON_OPTION,
+    **fields,
+):
+    """Quantize MODEL into a model directory that generate, eval and info load directly."""
+    from ..quantize import quantize_dir
 
-    commands = typer.Typer()
+    cfg = build(QuantizeConfig, fields)
+    with progress_view(quiet=as_json) as listen:
+        result = quantize_dir(model, out, cfg, force=force, progress=listen)
+    emit(result, as_json, lambda: _render_quantized(model, result))
 
-    @commands.command("model", hidden=True)
-    @config_options(QuantizeConfig)
-    def quantize(
-        model: str = typer.Argument(..., help="Full-precision model directory."),
-        out: str = typer.Option(..., "--out", help="Output model directory."),
-        force: bool = FORCE_OPTION,
-        as_json: bool = JSON_OPTION,
-        **fields,
-    ):
-        """Quantize MODEL into a model directory that generate, eval and info load directly."""
-        from ..quantize import quantize_dir
 
-        cfg = build(QuantizeConfig, fields)
-        with progress_view(quiet=as_json) as listen:
-            result = quantize_dir(model, out, cfg, force=force, progress=listen)
-        emit(result, as_json, lambda: _render_quantized(model, result))
+@app.command("sweep")
+@config_options(SweepConfig)
+def sweep(
+    model: str = typer.Argument(..., help="Full-precision model directory."),
+    eval_file: str = typer.Option(..., "--eval", help="UTF-8 text whose perplexity each variant is scored on."),
+    out: str = typer.Option(None, "--out", help="Directory for sweep.json, sweep.md and sweep.png."),
+    force: bool = FORCE_OPTION,
+    as_json: bool = JSON_OPTION,
+    **fields,
+):
+    """Bits per weight, size, perplexity and KL divergence from MODEL of every type and recipe, with a plot
+    (LBDL fig. 8.2)."""
+    from ..quantize import run_sweep
 
-    @commands.command("sweep")
-    @config_options(SweepConfig)
-    def sweep(
-        model: str = typer.Argument(..., help="Full-precision model directory."),
-        eval_file: str = typer.Option(..., "--eval", help="UTF-8 text whose perplexity each variant is scored on."),
-        out: str = typer.Option(None, "--out", help="Directory for sweep.json, sweep.md and sweep.png."),
-        force: bool = FORCE_OPTION,
-        as_json: bool = JSON_OPTION,
-        **fields,
-    ):
-        """Bits per weight, size, perplexity and KL divergence from MODEL of every type and recipe, with a plot
-        (LBDL fig. 8.2)."""
-        from ..quantize import run_sweep
-
-        cfg = build(SweepConfig, fields)
-        with progress_view(quiet=as_json) as listen:
-            result = run_sweep(model, eval_file, cfg, out=out, force=force, progress=listen)
-        emit(result, as_json, lambda: _render_sweep(model, eval_file, result))
-
-    return commands
+    cfg = build(SweepConfig, fields)
+    with progress_view(quiet=as_json) as listen:
+        result = run_sweep(model, eval_file, cfg, out=out, force=force, progress=listen)
+    emit(result, as_json, lambda: _render_sweep(model, eval_file, result))
 
 
 def _render_quantized(model: str, result: dict) -> None:
