@@ -25,8 +25,6 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-_NO_DEFAULT = dataclasses.MISSING
-
 
 def setting(default, help: str, *, low=None, high=None, low_open: bool = False, choices=None, flag: str | None = None,
             short: str | None = None, cli: bool = True):
@@ -43,7 +41,6 @@ def setting(default, help: str, *, low=None, high=None, low_open: bool = False, 
 
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")  # float16 is refused on CPU (hundreds of times slower there)
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
 def dtype_setting(help: str = "Compute dtype: auto (the stored one, or what is fast on this machine) | float32 | "

@@ -27,7 +27,7 @@ from tokenizer.config import INVALID_UTF8_CHOICES, TOKENIZER_FILE
 
 from .atomic import atomic_dir, check_out
 from .config import Config, setting
-from .errors import ConfigError, DataError
+from .errors import DataError
 from .progress import Progress, report
 
 FORMAT_VERSION = 1
@@ -50,11 +50,6 @@ class PrepareConfig(Config):
     invalid_utf8: str = setting("error", "What to do with invalid UTF-8: error | replace (U+FFFD) | skip (drop the "
                                          "line).", choices=INVALID_UTF8_CHOICES)
     num_threads: int = setting(0, "sentencepiece threads; 0 = every core.", low=0)
-
-    def __post_init__(self):
-        if isinstance(self.val_fraction, (int, float)) and not 0.0 <= self.val_fraction <= 0.5:
-            raise ConfigError(f"val fraction {self.val_fraction} must be between 0 and 0.5, e.g. 0.1")
-        super().__post_init__()
 
 
 def token_dtype(vocab_size: int) -> str:

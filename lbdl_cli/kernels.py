@@ -31,7 +31,6 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
-DEVICES = ("auto", "cpu", "cuda")
 LARGE_MATRIX = 1 << 18  # entries: 1 MiB of float32
 PROBE_VERSION = 1  # bump when what the probe measures changes: older cache files are then not read
 CACHE_ENV = "LBDL_CACHE_DIR"

@@ -21,8 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-LEVELS = ("info", "warning")
-
 
 @dataclass(frozen=True)
 class Event:

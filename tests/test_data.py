@@ -192,7 +192,7 @@ def test_invalid_utf8_replace(tok_dir, tmp_path):
 
 
 def test_config_validation():
-    with pytest.raises(ConfigError, match="val fraction"):
+    with pytest.raises(ConfigError, match=r"val_fraction must be in \[0, 0.5\]"):
         PrepareConfig(val_fraction=0.9)
     with pytest.raises(ConfigError, match="split_on"):
         PrepareConfig(split_on="sentence")
@@ -322,7 +322,8 @@ def bad_cases(tmp: Path, tok_dir: Path) -> dict[str, tuple[list, str]]:
         "missing tokenizer": ([*cmd, good, "--tokenizer", tmp / "no-tok", *out], "tokenizer not found"),
         "output exists": ([*cmd, good, "--tokenizer", tok_dir, "--out", tmp / "existing"], "already exists"),
         "too few documents for val": ([*cmd, one_doc, "--tokenizer", tok_dir, *out], "no document went to val.bin"),
-        "bad val fraction": ([*cmd, good, "--tokenizer", tok_dir, *out, "--val-fraction", 2], "val fraction"),
+        "bad val fraction": ([*cmd, good, "--tokenizer", tok_dir, *out, "--val-fraction", 2],
+                             "val_fraction must be in [0, 0.5], got 2"),
         "info on a non-shard dir": (["data", "info", tmp / "existing"], "no meta.json"),
     }
 

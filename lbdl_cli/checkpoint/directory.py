@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 from importlib import resources
@@ -296,7 +297,7 @@ def model_info(dir: str | os.PathLike) -> dict:
     dtypes = tensor_dtypes(path)
     qtypes = _quantized_types(config, dir / CONFIG_FILE)
     tensors = _tensor_table(path, shapes, dtypes, qtypes)
-    n_params = sum(_numel(t["shape"]) for t in tensors)
+    n_params = sum(math.prod(t["shape"]) for t in tensors)
     weight_bytes = sum(t["bytes"] for t in tensors)
     info = {
         "path": str(dir),
@@ -336,12 +337,6 @@ def _tensor_table(path: Path, shapes: dict, dtypes: dict, qtypes: dict) -> list[
         table.append({"name": name, "shape": shape, "type": qtypes.get(name, dtypes[name]), "bytes": end - begin})
     return table
 
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def create_model(out: str | os.PathLike, init: InitConfig, force: bool = False) -> dict:

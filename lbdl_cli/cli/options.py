@@ -33,10 +33,9 @@ def _show(value) -> str:
     return str(value)
 
 
-def config_options(config_cls, skip: tuple = (), defaults: dict | None = None):
+def config_options(config_cls, skip: tuple = ()):
     """Decorator: add one keyword-only flag per field of `config_cls` (except `skip` and fields with cli=False)
-    to the command's signature; the command gets them in **kwargs. `defaults` overrides the default that
-    --help shows (a command whose config default differs from the dataclass's, e.g. greedy eval)."""
+    to the command's signature; the command gets them in **kwargs."""
 
     def decorate(func):
         own = [p for p in inspect.signature(func).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
@@ -47,7 +46,7 @@ def config_options(config_cls, skip: tuple = (), defaults: dict | None = None):
             if f.name in skip or f.name in annotations or not meta.get("cli", True):
                 continue
             kind, multiple = _flag_type(hints[f.name])
-            default = (defaults or {}).get(f.name, f.default)
+            default = f.default
             name = meta.get("flag") or "--" + f.name.replace("_", "-")
             decls = [f"{name}/--no-{name[2:]}" if kind is bool else name]
             if meta.get("short"):

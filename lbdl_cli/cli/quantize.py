@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import typer
 from typer.core import TyperGroup
 
@@ -81,7 +83,7 @@ def _render_quantized(model: str, result: dict) -> None:
         by_type.setdefault(t["type"], []).append(t)
     table = Table("type", "tensors", "parameters", "size", "bits/weight")
     for name, ts in sorted(by_type.items(), key=lambda kv: -sum(t["bytes"] for t in kv[1])):
-        n = sum(_numel(t["shape"]) for t in ts)
+        n = sum(math.prod(t["shape"]) for t in ts)
         b = sum(t["bytes"] for t in ts)
         table.add_row(name, str(len(ts)), human_count(n), human_bytes(b), f"{8 * b / n:.2f}")
     console.print(table)
@@ -114,9 +116,3 @@ def _render_sweep(model: str, eval_file: str, result: dict) -> None:
     if result.get("files"):
         note(f"wrote {', '.join(result['files'])}")
 
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

@@ -15,7 +15,8 @@ from .options import config_options
 from .output import JSON_OPTION, console, emit, progress_view
 
 CONFIG_OPTION = typer.Option(None, "--config", help="TOML file with any training field; flags override it.")
-LR_FIND_SKIP = ("out", "max_tokens", "epochs", "init_from", "fsdp", "patience", "eval_interval", "eval_batches",
+LR_FIND_SKIP = ("out", "lr", "max_steps", "log_interval", "peak_tflops",  # lr-find sets or needs none of these
+                "max_tokens", "epochs", "init_from", "fsdp", "patience", "eval_interval", "eval_batches",
                 "overfit_batch", "schedule", "warmup", "decay", "step_every", "step_gamma", "min_lr")
 
 

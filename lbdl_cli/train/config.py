@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import Config, read_toml, setting
+from ..config import DTYPE_CHOICES, Config, device_setting, read_toml, setting
 from ..errors import ConfigError
 
 SCHEDULES = ("cosine", "constant", "step")
-DTYPES = ("auto", "float32", "bfloat16")
 OVERFIT_STEPS = 200  # --overfit-batch's run length when none is given
 DEFAULT_EPOCHS = 5.0  # the run length when no length is given
 LR_FIND_STEPS = 20  # optimizer steps per learning rate of `lbdl lr-find`
@@ -68,8 +67,8 @@ class TrainConfig(Config):
     log_interval: int = setting(10, "Log loss, lr, grad norm, tokens/s and MFU every N steps.", low=1)
     # numerics and devices
     dtype: str = setting("auto", "auto (bf16 autocast where the hardware has it) | float32 | bfloat16.",
-                         choices=DTYPES)
-    device: str = setting("auto", "auto | cpu | cuda (cuda:N).")
+                         choices=DTYPE_CHOICES)
+    device: str = device_setting("auto | cpu | cuda (cuda:N).")
     compile: bool = setting(False, "Compile the model with torch.compile.")
     fsdp: bool = setting(False, "Under torchrun: shard parameters, gradients and optimizer state (FSDP2).")
     seed: int = setting(1337, "Seed of the initialisation, the data order and dropout.")
