@@ -210,6 +210,16 @@ def token_byte_lengths(tokenizer) -> list[int]:
     return out
 
 
+def scoring_inputs(tokenizer, text: str) -> tuple[list[int], dict]:
+    """(ids, byte arguments of `perplexity`) of a text: the bytes of each id where the tokenizer is exact
+    (its tokens' bytes add up to the text's), else the text's byte count."""
+    ids = tokenizer.encode(text)
+    lengths = token_byte_lengths(tokenizer)
+    n_bytes = len(text.encode("utf-8"))
+    exact = sum(lengths[i] for i in ids) == n_bytes
+    return ids, ({"token_bytes": lengths} if exact else {"n_bytes": n_bytes})
+
+
 def perplexity_of_file(model_dir: str | os.PathLike | None, path: str | os.PathLike,
                        cfg: PerplexityConfig | None = None, progress: Progress | None = None) -> dict:
     """`perplexity` of a model directory (None: the bundled default) on a UTF-8 text file."""
@@ -217,13 +227,11 @@ def perplexity_of_file(model_dir: str | os.PathLike | None, path: str | os.PathL
     text = read_text(path, "text file")
     model, tok, _ = load_for_inference(model_dir, cfg.dtype, cfg.device, progress=progress)
     ctx = model.config.block_size if cfg.ctx is None else cfg.ctx
-    ids = tok.encode(text)
-    lengths = token_byte_lengths(tok)
+    ids, byte_args = scoring_inputs(tok, text)
     n_bytes = len(text.encode("utf-8"))
-    exact = sum(lengths[i] for i in ids) == n_bytes  # an exact tokenizer: bytes of the scored tokens known
     try:
         result = perplexity(model, ids, ctx, stride=cfg.stride, batch_size=cfg.batch_size, progress=progress,
-                            **({"token_bytes": lengths} if exact else {"n_bytes": n_bytes}))
+                            **byte_args)
     except DataError as e:
         raise DataError(f"{path}: {e}") from None
     weight = model.tok_emb.weight

@@ -40,7 +40,7 @@ from .atomic import atomic_dir, check_out
 from .checkpoint.configs import CONFIG_FILE, WEIGHTS_FILE
 from .config import Config, dtype_setting, setting
 from .errors import ConfigError, DataError
-from .evaluate import perplexity, token_byte_lengths, windows
+from .evaluate import perplexity, scoring_inputs, windows
 from .files import read_text
 from .progress import Progress, report
 
@@ -319,14 +319,9 @@ def run_sweep(model: str | os.PathLike, eval_file: str | os.PathLike, cfg: Sweep
         _need_matplotlib()
     refuse_quantized(read_config(model), model)
     text = read_text(eval_file)
-    tok = Tokenizer.load(model)
-    ids = tok.encode(text)
+    ids, byte_args = scoring_inputs(Tokenizer.load(model), text)
     base, _ = load_model(model, dtype=cfg.dtype)
     ctx = cfg.ctx or base.config.block_size
-    lengths = token_byte_lengths(tok)
-    n_bytes = len(text.encode("utf-8"))
-    exact = sum(lengths[i] for i in ids) == n_bytes
-    byte_args = {"token_bytes": lengths} if exact else {"n_bytes": n_bytes}
 
     importance = calibration = None
     if cfg.calibrate is not None:
