@@ -146,7 +146,7 @@ def prepare(files, tokenizer, out, *, config: PrepareConfig | None = None, force
     if tok.eos_id < 0:
         raise DataError(f"tokenizer {tok.path} has no <eos> token to separate documents; use an lbdl tokenizer")
     out = Path(out)
-    check_out(out, force)
+    check_out(out, force, inputs=(*paths, tok.path))
     dtype = token_dtype(tok.vocab_size)
     start = time.perf_counter()
     rng = random.Random(f"split-{config.seed}")
@@ -177,7 +177,7 @@ def prepare(files, tokenizer, out, *, config: PrepareConfig | None = None, force
     def before_bytes(index):
         return sum(s["bytes"] for s in sources[:index])
 
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, inputs=(*paths, tok.path)) as tmp:
         with open(tmp / TRAIN_FILE, "wb") as train_fh, open(tmp / VAL_FILE, "wb") as val_fh, \
                 open(tmp / VAL_TEXT_FILE, "w", encoding="utf-8", newline="") as val_text:
             handles = {"train": train_fh, "val": val_fh}

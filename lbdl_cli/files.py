@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import CheckpointError, DataError
+from .errors import CheckpointError, DataError, LbdlError
 
 MAX_HEADER = 100 << 20  # bytes: safetensors' own limit on a header
 
@@ -47,3 +47,56 @@ def safetensors_header(path: str | os.PathLike) -> dict:
 def tensor_entries(path: str | os.PathLike) -> dict[str, dict]:
     """The header's tensor entries, without the metadata."""
     return {k: v for k, v in safetensors_header(path).items() if k != "__metadata__"}
+
+
+def read_json(path: str | os.PathLike, what: str = "", error: type[LbdlError] = DataError, kind: type = dict):
+    """A JSON file's value (a table unless `kind` says otherwise); one error naming the file, line and column."""
+    path = Path(path)
+    name = f"{what} {path}" if what else str(path)
+    try:
+        text = read_text(path, what)
+    except DataError as e:
+        raise error(str(e)) from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{name} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+                    f"fix it or write it again") from None
+    if not isinstance(value, kind):
+        raise error(f"{name} must hold a JSON {_JSON_NAMES.get(kind, kind.__name__)}, "
+                    f"not {_JSON_NAMES.get(type(value), type(value).__name__)}")
+    return value
+
+
+def read_jsonl(path: str | os.PathLike, what: str = "", error: type[LbdlError] = DataError):
+    """(line number, table) of each non-blank line of a JSON-lines file; one error naming the file and line."""
+    path = Path(path)
+    name = f"{what} {path}" if what else str(path)
+    try:
+        text = read_text(path, what)
+    except DataError as e:
+        raise error(str(e)) from None
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{name}:{number}: not valid JSON ({e.msg}, column {e.colno}); fix or remove the line") \
+                from None
+        if not isinstance(record, dict):
+            raise error(f"{name}:{number}: expected a JSON object ({{...}}), got {_JSON_NAMES.get(type(record))}")
+        yield number, record
+
+
+_JSON_NAMES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+               type(None): "null"}
+
+
+def inside(root: str | os.PathLike, entry: str, what: str, error: type[LbdlError] = CheckpointError) -> Path:
+    """`root/entry`, refused when it resolves (through `..` or symbolic links) outside `root`."""
+    root = Path(root)
+    path = root / entry
+    if Path(entry).is_absolute() or not path.resolve().is_relative_to(root.resolve()):
+        raise error(f"{what} {entry!r} points outside {root}; every file it names must be inside that directory")
+    return path

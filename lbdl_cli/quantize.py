@@ -170,7 +170,7 @@ def quantize_dir(model: str | os.PathLike, out: str | os.PathLike, cfg: Quantize
 
     config = read_config(model)
     refuse_quantized(config, model)
-    check_out(out, force)
+    check_out(out, force, inputs=(model, cfg.calibrate))
     start = time.perf_counter()
     fp_model, config = load_model(model)
     state = fp_model.state_dict()
@@ -196,7 +196,7 @@ def quantize_dir(model: str | os.PathLike, out: str | os.PathLike, cfg: Quantize
     sections = {k: v for k, v in config.items() if k not in ("format_version", "model", "quantization")}
     sections["quantization"] = quantization_section(p, stats, source=str(model), calibration=calibration)
     tok = Path(model) / TOKENIZER_FILE
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, inputs=(model, cfg.calibrate)) as tmp:
         write_model(tmp, model_config(config, Path(model) / CONFIG_FILE), out_state,
                     tokenizer=tok if tok.is_file() else None, sections=sections)
     original = sum(tensor_bytes(k, s, dtype_sizes[k], {}) for k, s in shapes.items())
@@ -315,7 +315,7 @@ def run_sweep(model: str | os.PathLike, eval_file: str | os.PathLike, cfg: Sweep
     types = list(cfg.types or TYPES)
     recipes = list(cfg.recipes or RECIPES)
     if out is not None:
-        check_out(out, force)
+        check_out(out, force, inputs=(model, eval_file))
         _need_matplotlib()
     refuse_quantized(read_config(model), model)
     text = read_text(eval_file)

@@ -150,7 +150,7 @@ def train(files, vocab_size: int | None = None, *, config: TokenizerConfig | Non
         raise TypeError("train() takes a TokenizerConfig or its fields, not both")
     paths = expand_files(files)
     if out is not None:
-        check_out(out, force)
+        check_out(out, force, inputs=paths)
     start = time.perf_counter()
     sample, heldout, counts = _read(paths, config, progress)
     if not sample and heldout:  # so little text that every line was drawn for the held-out part

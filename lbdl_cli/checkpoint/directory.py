@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from tokenizer.config import TOKENIZER_FILE
 
-from ..atomic import atomic_dir  # noqa: F401  (re-exported: the model directory's writer)
+from ..atomic import atomic_dir, check_out  # noqa: F401  (atomic_dir re-exported: the model directory's writer)
 from ..errors import CheckpointError, ConfigError
 from ..files import tensor_entries
 from ..model import GPT, ModelConfig
@@ -268,12 +268,13 @@ def _quantized_types(config: dict, where) -> dict[str, str]:
 def convert_dtype(model_dir: str | os.PathLike, dtype: str, out: str | os.PathLike, force: bool = False) -> dict:
     """Re-save a model directory (tokenizer and sections kept) with its floating-point weights in `dtype`."""
     dtype = ConvertConfig(dtype=dtype).dtype  # checked
+    check_out(out, force, inputs=(model_dir,))
     model, config = load_model(model_dir, dtype=dtype)
     if "quantization" in config:
         raise CheckpointError(f"{model_dir} is quantized; convert the unquantized model")
     tokenizer = Path(model_dir) / TOKENIZER_FILE
     sections = {k: v for k, v in config.items() if k not in ("format_version", "model")}
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, inputs=(model_dir,)) as tmp:
         write_model(tmp, model.config, model.state_dict(), tokenizer if tokenizer.is_file() else None, sections)
     return {"out": str(out), "dtype": dtype, "params": model.num_params()}
 
@@ -348,6 +349,7 @@ def create_model(out: str | os.PathLike, init: InitConfig, force: bool = False) 
     preset, vocab_size, block_size, seed, dtype = init.preset, init.vocab_size, init.block_size, init.seed, init.dtype
     if preset is None:
         raise ConfigError(f"give --preset NAME; valid presets: {', '.join(preset_names())}")
+    check_out(out, force)
     cfg, _ = load_preset(preset)
     changes = {k: v for k, v in (("vocab_size", vocab_size), ("block_size", block_size)) if v is not None}
     cfg = cfg.replace(**changes)

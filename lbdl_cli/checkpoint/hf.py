@@ -257,7 +257,7 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, dtype: torch.dt
         state = {k: v.to(dtype) for k, v in state.items()}
     source = {"hf_architecture": arch, "path": str(hf_dir.resolve())}
     tokenizer = hf_dir / TOKENIZER_FILE
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, inputs=(hf_dir,)) as tmp:
         write_model(tmp, cfg, state, tokenizer if tokenizer.is_file() else None, {"source": source})
     return {"out": str(out), "architecture": arch, "params": sum(t.numel() for t in state.values()),
             "dtype": str(next(iter(state.values())).dtype).replace("torch.", ""), "model": cfg.to_dict()}
@@ -285,7 +285,7 @@ def export_hf(model_dir: str | os.PathLike, out: str | os.PathLike, force: bool 
         out_tensors[hf_name] = (t.t() if conv1d else t).contiguous()
     hf_config = family["to_hf"](cfg)
     hf_config["dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, inputs=(model_dir,)) as tmp:
         save_file(out_tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         write_json(tmp / CONFIG_FILE, hf_config)
         tokenizer = Path(model_dir) / TOKENIZER_FILE
