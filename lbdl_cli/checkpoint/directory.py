@@ -77,11 +77,18 @@ def write_json(path: Path, obj) -> None:
 def write_model(dir: Path, config: ModelConfig, state: dict[str, torch.Tensor],
                 tokenizer: str | os.PathLike | None = None, sections: dict | None = None) -> None:
     """Write config.json, model.safetensors (and tokenizer.model) into an existing directory."""
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(dir / WEIGHTS_FILE),
-              metadata={"format": "pt"})
+    save_tensors({k: v.detach().contiguous() for k, v in state.items()}, dir / WEIGHTS_FILE)
     if tokenizer is not None:
         shutil.copyfile(tokenizer, dir / TOKENIZER_FILE)
     write_json(dir / CONFIG_FILE, {"format_version": FORMAT_VERSION, "model": config.to_dict(), **(sections or {})})
+
+
+def save_tensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """A safetensors file with the permissions of any other file we write (safetensors itself makes it 0600)."""
+    save_file(tensors, str(path), metadata={"format": "pt", **(metadata or {})})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def save_model(model: GPT, out: str | os.PathLike, tokenizer: str | os.PathLike | None = None,

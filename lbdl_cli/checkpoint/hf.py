@@ -15,7 +15,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from ..errors import CheckpointError
 from ..model import GPT, ModelConfig
@@ -29,6 +28,7 @@ from . import (
     load_model,
     open_safetensors,
     parse_dtype,
+    save_tensors,
     write_json,
     write_model,
 )
@@ -286,7 +286,7 @@ def export_hf(model_dir: str | os.PathLike, out: str | os.PathLike, force: bool 
     hf_config = family["to_hf"](cfg)
     hf_config["dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
     with atomic_dir(out, force=force, inputs=(model_dir,)) as tmp:
-        save_file(out_tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_tensors(out_tensors, tmp / WEIGHTS_FILE)
         write_json(tmp / CONFIG_FILE, hf_config)
         tokenizer = Path(model_dir) / TOKENIZER_FILE
         if tokenizer.is_file():

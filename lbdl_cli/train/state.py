@@ -25,10 +25,9 @@ from typing import Callable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..atomic import atomic_dir
-from ..checkpoint import load_model, write_json, write_model
+from ..checkpoint import load_model, save_tensors, write_json, write_model
 from ..errors import CheckpointError, ConfigError
 from . import distributed
 
@@ -100,7 +99,7 @@ def save_checkpoint(run: Path, step: int, write_state: Callable[[Path], None], o
             for key, value in values.items():
                 t = value if torch.is_tensor(value) else torch.tensor(value)
                 tensors[f"optim.{name}.{key}"] = t.detach().cpu().contiguous()
-        save_file(tensors, str(tmp / OPTIMIZER_FILE))
+        save_tensors(tensors, tmp / OPTIMIZER_FILE)
         write_json(tmp / TRAINER_FILE, {**trainer, "step": step, "param_groups": optim_state["param_groups"]})
     _point(run, "last", target)
     if best:
