@@ -34,7 +34,8 @@ from .configs import (
 _DIRECTORY = (
     "DTYPES", "SAFETENSORS_DTYPES", "TOKENIZER_FILE", "atomic_dir", "check_tensors", "convert_dtype", "create_model",
     "default_model_dir", "dir_size", "load_model", "load_preset", "model_config", "model_info", "open_safetensors",
-    "parse_dtype", "preset_names", "read_config", "save_model", "save_tensors", "tensor_dtypes", "tensor_shapes", "weights_path",
+    "parse_dtype", "preset_names", "read_config", "save_model", "save_tensors", "tensor_dtypes", "tensor_shapes",
+    "weights_path",
     "write_json", "write_model",
 )
 
