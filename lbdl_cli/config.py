@@ -116,7 +116,12 @@ def _plain(value):
 
 
 class Config:
-    """Mixin for frozen dataclasses: to_dict / from_dict / replace / TOML, and the range checks of `setting`."""
+    """Mixin for frozen dataclasses: to_dict / from_dict / replace / TOML, and the range checks of `setting`.
+
+    RENAMED maps a field's former name to its name now: from_dict accepts the old key (a TOML file or a saved
+    run of an earlier release) and the CLI keeps the old flag, hidden, for one release."""
+
+    RENAMED: dict[str, str] = {}  # not annotated in subclasses: a class attribute, not a field
 
     @classmethod
     def config_name(cls) -> str:
@@ -140,12 +145,26 @@ class Config:
             raise ConfigError(f"{where}: expected a table of fields, got {d!r}")
         hints = field_types(cls)
         known = [f.name for f in dataclasses.fields(cls)]
+        d = cls.upgrade(d, where)
         unknown = sorted(set(d) - set(known))
         if unknown:
             more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
             raise ConfigError(f"{where}: unknown key {unknown[0]!r}{more}; valid keys: {', '.join(known)}")
         values = {k: _coerce(v, hints[k], where, k) for k, v in d.items()}
         return cls(**values)
+
+    @classmethod
+    def upgrade(cls, d: dict, where: str) -> dict:
+        """`d` with the keys of RENAMED under their names now."""
+        if not any(k in cls.RENAMED for k in d):
+            return d
+        d = dict(d)
+        for old, new in cls.RENAMED.items():
+            if old in d:
+                if new in d:
+                    raise ConfigError(f"{where}: give {new} only ({old} is its former name)")
+                d[new] = d.pop(old)
+        return d
 
     def replace(self, **changes):
         """A copy with some fields changed, checked as from_dict checks."""

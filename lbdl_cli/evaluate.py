@@ -12,7 +12,7 @@ full length).
     from lbdl_cli.evaluate import PerplexityConfig, perplexity, perplexity_of_file
     result = perplexity(model, ids, ctx=256)          # any loaded GPT and token ids
     result["perplexity"], result["std_error"], result["tokens"]
-    perplexity_of_file("run/best", "val.txt", PerplexityConfig(ctx=256))   # `lbdl eval perplexity`
+    perplexity_of_file("run/best", "val.txt", PerplexityConfig(context=256))   # `lbdl eval perplexity`
 
 Progress is reported as windows ("perplexity") and records ("task") done.
 """
@@ -50,23 +50,26 @@ EXTRACT_METHODS = ("auto", "exact", "number", "last-number", "choice", "regex")
 class PerplexityConfig(Config):
     """`lbdl eval perplexity`: the windows and how the model runs."""
 
-    ctx: int | None = setting(None, "Window length in tokens (default: the model's context).", low=4)
+    RENAMED = {"ctx": "context", "dtype": "compute_dtype"}
+    context: int | None = setting(None, "Window length in tokens (default: the model's context).", low=4)
     stride: int | None = setting(None, "Sliding windows every S tokens, each scoring its new tokens (default: "
                                        "llama.cpp's non-overlapping windows, second half scored).", low=1)
     batch_size: int = setting(8, "Windows per forward pass.", low=1)
-    dtype: str = dtype_setting()
+    compute_dtype: str = dtype_setting()
     device: str = device_setting()
 
     def __post_init__(self):
         super().__post_init__()
-        if self.stride is not None and self.ctx is not None and self.stride > self.ctx:
-            raise ConfigError(f"stride {self.stride} is larger than ctx {self.ctx}; "
-                              f"use a stride between 1 and {self.ctx}")
+        if self.stride is not None and self.context is not None and self.stride > self.context:
+            raise ConfigError(f"stride {self.stride} is larger than the context {self.context}; "
+                              f"use a stride between 1 and {self.context}")
 
 
 @dataclass(frozen=True)
 class TaskConfig(Config):
     """`lbdl eval task`: greedy completions, how an answer is read from them, and how the model runs."""
+
+    RENAMED = {"dtype": "compute_dtype"}
 
     extract: str = setting("auto", "How to read the answer from a completion (auto: choice if the record lists "
                                    "choices, number if the answer is one, else exact).", choices=EXTRACT_METHODS)
@@ -74,7 +77,7 @@ class TaskConfig(Config):
     max_new_tokens: int = setting(32, "Tokens per completion at most.", low=1)
     stop: tuple[str, ...] = setting(("\\n",), "Stop strings, as typed on a command line (\\n is a line break).")
     batch_size: int = setting(8, "Prompts per generate() call.", low=1)
-    dtype: str = dtype_setting()
+    compute_dtype: str = dtype_setting()
     device: str = device_setting()
 
     @property
@@ -130,13 +133,13 @@ def perplexity(model, ids, ctx: int, stride: int | None = None, batch_size: int 
     ids = ids.long().flatten().cpu()
     n = ids.numel()
     block = model.config.block_size
-    PerplexityConfig.from_dict({"ctx": ctx, "stride": stride, "batch_size": batch_size})  # types and ranges
+    PerplexityConfig.from_dict({"context": ctx, "stride": stride, "batch_size": batch_size})  # types and ranges
     if ctx > block:
-        raise ConfigError(f"ctx {ctx} is longer than the model's context (block_size {block}); "
-                          f"use --ctx {block} or less")
+        raise ConfigError(f"context {ctx} is longer than the model's (block_size {block}); "
+                          f"use --context {block} or less")
     if n < ctx:
-        raise DataError(f"the text has {n} tokens, fewer than one window: ctx {ctx} needs at least {ctx} tokens "
-                        f"(use a longer text or a smaller --ctx)")
+        raise DataError(f"the text has {n} tokens, fewer than one window: context {ctx} needs at least {ctx} "
+                        f"tokens (use a longer text or a smaller --context)")
     vocab = model.config.vocab_size
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= vocab:
@@ -225,8 +228,8 @@ def perplexity_of_file(model_dir: str | os.PathLike | None, path: str | os.PathL
     """`perplexity` of a model directory (None: the bundled default) on a UTF-8 text file."""
     cfg = cfg or PerplexityConfig()
     text = read_text(path, "text file")
-    model, tok, _ = load_for_inference(model_dir, cfg.dtype, cfg.device, progress=progress)
-    ctx = model.config.block_size if cfg.ctx is None else cfg.ctx
+    model, tok, _ = load_for_inference(model_dir, cfg.compute_dtype, cfg.device, progress=progress)
+    ctx = model.config.block_size if cfg.context is None else cfg.context
     ids, byte_args = scoring_inputs(tok, text)
     n_bytes = len(text.encode("utf-8"))
     try:
@@ -410,6 +413,6 @@ def task_accuracy_of_file(model_dir: str | os.PathLike | None, path: str | os.Pa
     """`task_accuracy` of a model directory (None: the bundled default) on a JSONL task file."""
     cfg = cfg or TaskConfig()
     records = load_tasks(path)
-    model, tok, _ = load_for_inference(model_dir, cfg.dtype, cfg.device, progress=progress)
+    model, tok, _ = load_for_inference(model_dir, cfg.compute_dtype, cfg.device, progress=progress)
     result = task_accuracy(model, tok, records, cfg.sampling, cfg.extract, cfg.pattern, cfg.batch_size, progress)
     return {"model": str(model_dir) if model_dir is not None else "default", "file": str(path), **result}

@@ -416,7 +416,7 @@ def compute_dtype(stored: torch.dtype, requested: torch.dtype | None, device) ->
     if resolve_device(device).type != "cpu":
         return requested or stored, None
     if requested == torch.float16:
-        raise ConfigError("float16 is hundreds of times slower on a CPU; use --dtype float32 or bfloat16")
+        raise ConfigError("float16 is hundreds of times slower on a CPU; use --compute-dtype float32 or bfloat16")
     if requested is None:
         if stored == torch.bfloat16 and probe().bfloat16_fast:
             return torch.bfloat16, None
@@ -425,7 +425,7 @@ def compute_dtype(stored: torch.dtype, requested: torch.dtype | None, device) ->
         t = probe().timings_us
         return requested, (f"bfloat16 is slow on this CPU (one row {t['bfloat16_row'] / t['float32_row']:.1f}x "
                            f"float32's time, a prompt {t['bfloat16_prompt'] / t['float32_prompt']:.1f}x); "
-                           f"--dtype auto or float32 runs faster")
+                           f"--compute-dtype auto or float32 runs faster")
     return requested, None
 
 

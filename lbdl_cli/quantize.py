@@ -80,12 +80,14 @@ def _set(cfg, name: str, value) -> None:
 class QuantizeConfig(Config):
     """`lbdl quantize MODEL --type T --out DIR`: one type and recipe for a whole model directory."""
 
+    RENAMED = {"ctx": "context"}
+
     type: str | None = setting(None, "Quantization type (required).", choices=_TYPES)
     recipe: str = setting("pure", "Which tensors get the next type up: " +
                           "; ".join(f"{k}: {v}" for k, v in RECIPES.items()) + ".", choices=tuple(RECIPES))
     embeddings: str = setting(DEFAULT_EMBEDDINGS, _EMBEDDINGS_HELP, choices=EMBEDDING_CHOICES + _TYPES)
     calibrate: str | None = setting(None, _CALIBRATE_HELP)
-    ctx: int | None = setting(None, "Calibration window in tokens (default: the model's context).", low=1)
+    context: int | None = setting(None, "Calibration window in tokens (default: the model's context).", low=1)
 
     def __post_init__(self):
         if self.type is None:
@@ -101,15 +103,17 @@ class QuantizeConfig(Config):
 class SweepConfig(Config):
     """`lbdl quantize sweep MODEL --eval FILE`: which variants to score, and how."""
 
+    RENAMED = {"ctx": "context", "dtype": "compute_dtype"}
+
     types: tuple[str, ...] = setting((), "Types to try, comma-separated or repeated (default: all).", choices=_TYPES)
     recipes: tuple[str, ...] = setting((), "Recipes to try, comma-separated or repeated (default: all).",
                                        choices=tuple(RECIPES))
     embeddings: str = setting(DEFAULT_EMBEDDINGS, _EMBEDDINGS_HELP, choices=EMBEDDING_CHOICES + _TYPES)
     calibrate: str | None = setting(None, "Text file: also quantize each type with importance weights and report "
                                           "the share of the perplexity increase they remove.")
-    ctx: int | None = setting(None, "Evaluation window in tokens (default: the model's context).", low=4)
+    context: int | None = setting(None, "Evaluation window in tokens (default: the model's context).", low=4)
     batch_size: int = setting(8, "Windows per forward pass.", low=1)
-    dtype: str = dtype_setting("Precision of the reference and of every variant's unquantized parts: "
+    compute_dtype: str = dtype_setting("Precision of the reference and of every variant's unquantized parts: "
                                "auto (as stored) | float32 | bfloat16.")
 
     def __post_init__(self):
@@ -133,7 +137,7 @@ def read_calibration_ids(model_dir: str | os.PathLike, path: str | os.PathLike, 
     ids = Tokenizer.load(model_dir).encode(text)
     if len(ids) < ctx:
         raise DataError(f"calibration text {path} has {len(ids)} tokens, fewer than one window of {ctx}; "
-                        f"use a longer text or a smaller --ctx")
+                        f"use a longer text or a smaller --context")
     return ids
 
 
@@ -178,7 +182,7 @@ def quantize_dir(model: str | os.PathLike, out: str | os.PathLike, cfg: Quantize
     p = plan(shapes, cfg.type, cfg.recipe, cfg.embeddings)
     importance = calibration = None
     if cfg.calibrate is not None:
-        importance, calibration = collect_importance(fp_model, model, cfg.calibrate, ctx=cfg.ctx)
+        importance, calibration = collect_importance(fp_model, model, cfg.calibrate, ctx=cfg.context)
     dtype_sizes = {k: v.element_size() for k, v in state.items()}
     out_state, done = {}, 0
     report(progress, "quantizing", 0, len(p.types), unit="tensors")
@@ -320,8 +324,8 @@ def run_sweep(model: str | os.PathLike, eval_file: str | os.PathLike, cfg: Sweep
     refuse_quantized(read_config(model), model)
     text = read_text(eval_file)
     ids, byte_args = scoring_inputs(Tokenizer.load(model), text)
-    base, _ = load_model(model, dtype=cfg.dtype)
-    ctx = cfg.ctx or base.config.block_size
+    base, _ = load_model(model, dtype=cfg.compute_dtype)
+    ctx = cfg.context or base.config.block_size
 
     importance = calibration = None
     if cfg.calibrate is not None:
@@ -454,7 +458,7 @@ def plot_sweep(result: dict, path: str | os.PathLike) -> Path:
     axes[1].set_ylabel(f"KL divergence from {base['name']} (nats/token, log scale)")
     axes[1].set_title("how far quantization moves the predictions")
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"Quantization of {Path(result['model']).name}: {result['tokens']} tokens, ctx {result['ctx']}",
+    fig.suptitle(f"Quantization of {Path(result['model']).name}: {result['tokens']} tokens, context {result['ctx']}",
                  fontsize=10)
     fig.tight_layout()
     path = Path(path)

@@ -224,12 +224,12 @@ def test_convert_dtype_keeps_tokenizer_and_sections(tmp_path, cli):
     model = tiny_model()
     save_model(model, tmp_path / "m", sections={"source": {"preset": "x"}})
     (tmp_path / "m" / "tokenizer.model").write_bytes(b"tok")
-    r = cli("convert", tmp_path / "m", "--dtype", "bfloat16", "--out", tmp_path / "bf16", "--json")
+    r = cli("convert", tmp_path / "m", "--weights-dtype", "bfloat16", "--out", tmp_path / "bf16", "--json")
     assert r.code == 0 and r.json()["dtype"] == "bfloat16"
     loaded, config = load_model(tmp_path / "bf16")
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     assert config["source"] == {"preset": "x"} and (tmp_path / "bf16" / "tokenizer.model").read_bytes() == b"tok"
     assert torch.equal(loaded.tok_emb.weight, model.tok_emb.weight.to(torch.bfloat16))
     assert model_info(tmp_path / "bf16")["size_bytes"] < 0.6 * model_info(tmp_path / "m")["size_bytes"]
-    r = cli("convert", tmp_path / "m", "--dtype", "float16", "--out", tmp_path / "f16")
+    r = cli("convert", tmp_path / "m", "--weights-dtype", "float16", "--out", tmp_path / "f16")
     assert r.code == 2 and "dtype must be one of float32, bfloat16" in r.err and not (tmp_path / "f16").exists()

@@ -85,19 +85,19 @@ def test_sliding_windows_score_every_token_after_the_first_exactly_once(n, ctx, 
 
 
 @pytest.mark.parametrize("config", [
-    PerplexityConfig(), PerplexityConfig(ctx=64, stride=16, batch_size=2, dtype="bfloat16", device="cpu"),
+    PerplexityConfig(), PerplexityConfig(context=64, stride=16, batch_size=2, compute_dtype="bfloat16", device="cpu"),
     TaskConfig(), TaskConfig(extract="regex", pattern=r"is (\d+)", max_new_tokens=4, stop=(r"\n\n", "Q:"),
-                             batch_size=3, dtype="float32", device="cpu"),
+                             batch_size=3, compute_dtype="float32", device="cpu"),
 ])
 def test_eval_configs_round_trip(config):
     assert_round_trips(config)
 
 
 def test_eval_configs_check_their_ranges():
-    with pytest.raises(ConfigError, match="stride 17 is larger than ctx 16"):
-        PerplexityConfig(ctx=16, stride=17)
-    with pytest.raises(ConfigError, match="ctx must be in"):
-        PerplexityConfig(ctx=2)
+    with pytest.raises(ConfigError, match="stride 17 is larger than the context 16"):
+        PerplexityConfig(context=16, stride=17)
+    with pytest.raises(ConfigError, match="context must be in"):
+        PerplexityConfig(context=2)
     with pytest.raises(ConfigError, match="batch_size"):
         TaskConfig(batch_size=0)
     with pytest.raises(ConfigError, match="extract must be one of.*'vibes'"):
@@ -181,11 +181,11 @@ def test_perplexity_refuses_bad_windows():
     ids = list(range(50))
     with pytest.raises(DataError, match="has 20 tokens.*needs at least 32 tokens"):
         perplexity(model, ids[:20], ctx=32)
-    with pytest.raises(ConfigError, match="longer than the model's context"):
+    with pytest.raises(ConfigError, match="longer than the model's"):
         perplexity(model, ids, ctx=64)
     with pytest.raises(ConfigError, match="stride"):
         perplexity(model, ids, ctx=16, stride=17)
-    with pytest.raises(ConfigError, match="ctx"):
+    with pytest.raises(ConfigError, match="context must be in"):
         perplexity(model, ids, ctx=2)
 
 
@@ -197,7 +197,7 @@ def test_file_perplexity_bits_per_byte_counts_the_scored_bytes(model_dir, tok, t
     lengths = token_byte_lengths(tok)
     ids = tok.encode(text)
     assert sum(lengths[i] for i in ids) == len(text.encode())  # exact: byte counts per token add up
-    r = perplexity_of_file(model_dir, tmp_path / "t.txt", PerplexityConfig(ctx=64, stride=64))
+    r = perplexity_of_file(model_dir, tmp_path / "t.txt", PerplexityConfig(context=64, stride=64))
     scored = {t for s, first in windows(len(ids), 64, 64) for t in range(s + first + 1, s + 64)}
     assert len(scored) == r["tokens"] < len(ids)  # a window's first token has no context: not scored
     assert r["bytes"] == sum(lengths[ids[t]] for t in scored)
@@ -299,7 +299,7 @@ def text_file(tmp_path):
 
 
 def test_eval_perplexity_command_json(cli, model_dir, text_file):
-    r = cli("eval", "perplexity", model_dir, text_file, "--ctx", "64", "--json")
+    r = cli("eval", "perplexity", model_dir, text_file, "--context", "64", "--json")
     assert r.code == 0, r.err
     result = r.json()
     model, tok_, _ = load_for_inference(model_dir)
@@ -308,7 +308,7 @@ def test_eval_perplexity_command_json(cli, model_dir, text_file):
     for key in ("perplexity", "nll", "bits_per_byte", "tokens", "std_error", "tokens_per_s"):
         assert key in result
     assert result["convention"] == "llama.cpp"
-    strided = cli("eval", "perplexity", model_dir, text_file, "--ctx", "64", "--stride", "32", "--json").json()
+    strided = cli("eval", "perplexity", model_dir, text_file, "--context", "64", "--stride", "32", "--json").json()
     assert strided["convention"] == "sliding" and strided["tokens"] == strided["file_tokens"] - 1
 
 
@@ -349,12 +349,12 @@ def test_eval_bad_input_is_one_line_exit_2(case, cli, model_dir, text_file, tmp_
     if case == "no-tokenizer":
         save_model(tiny_model(vocab_size=400), tmp_path / "no-tok")
     args = {
-        "short-file": ["perplexity", model_dir, short, "--ctx", "64"],
+        "short-file": ["perplexity", model_dir, short, "--context", "64"],
         "missing-model": ["perplexity", tmp_path / "nope", text_file],
         "no-tokenizer": ["perplexity", tmp_path / "no-tok", text_file],
         "bad-jsonl": ["task", model_dir, tasks],
         "missing-file": ["perplexity", model_dir, tmp_path / "absent.txt"],
-        "ctx-too-long": ["perplexity", model_dir, text_file, "--ctx", "65"],
+        "ctx-too-long": ["perplexity", model_dir, text_file, "--context", "65"],
         "bad-extract": ["task", model_dir, tasks, "--extract", "vibes"],
         "regex-without-pattern": ["task", model_dir, tasks, "--extract", "regex"],
     }[case]

@@ -20,7 +20,7 @@ from lbdl_cli.sample.text import unescape
     SamplingConfig(temperature=0.0, top_k=5, top_p=0.5, min_p=0.1, repetition_penalty=1.3, max_new_tokens=7,
                    stop=("\n", "END"), seed=3, ignore_eos=True),
     GenerateConfig(),
-    GenerateConfig(temperature=1.5, stop=("\\n",), seed=0, num_samples=3, each_line=True, dtype="bfloat16",
+    GenerateConfig(temperature=1.5, stop=("\\n",), seed=0, num_samples=3, each_line=True, compute_dtype="bfloat16",
                    device="cpu"),
 ])
 def test_sampling_configs_round_trip(config):
@@ -34,7 +34,7 @@ def test_generate_config_checks_its_own_and_the_sampling_fields():
     with pytest.raises(ConfigError, match="temperature"):
         GenerateConfig(temperature=-1.0)
     with pytest.raises(ConfigError, match="dtype"):
-        GenerateConfig(dtype="int3")
+        GenerateConfig(compute_dtype="int3")
     with pytest.raises(ConfigError, match="top_k must be an integer"):
         GenerateConfig(top_k=1.5)
 

@@ -26,10 +26,10 @@ from quant.recipe import RECIPES, plan
 
 CONFIGS = [
     QuantizeConfig(type="q4_k"),
-    QuantizeConfig(type="Q4_1", recipe="m", embeddings="keep", calibrate="calib.txt", ctx=16),
+    QuantizeConfig(type="Q4_1", recipe="m", embeddings="keep", calibrate="calib.txt", context=16),
     SweepConfig(),
-    SweepConfig(types=("q8_0", "nf4"), recipes=("pure", "l"), embeddings="same", calibrate="c.txt", ctx=32,
-                batch_size=2, dtype="float32"),
+    SweepConfig(types=("q8_0", "nf4"), recipes=("pure", "l"), embeddings="same", calibrate="c.txt", context=32,
+                batch_size=2, compute_dtype="float32"),
 ]
 
 
@@ -48,7 +48,7 @@ def test_types_and_recipes_from_commas_and_repeated_flags_alike():
     cfg = build(SweepConfig, {"types": ["q4_0,Q8_0", "q4_k", "q4_0"], "recipes": ["pure, m"], "batch_size": None})
     assert cfg.types == ("q4_0", "q8_0", "q4_k") and cfg.recipes == ("pure", "m") and cfg.batch_size == 8
     assert SweepConfig.from_dict({"types": ["q8_0,q4_0"]}) == SweepConfig(types=("q8_0", "q4_0"))
-    assert SweepConfig().types == () and SweepConfig().dtype == "auto"  # every type, the stored precision
+    assert SweepConfig().types == () and SweepConfig().compute_dtype == "auto"  # every type, the stored precision
 
 
 def test_choices_come_from_the_formats_and_recipes():
@@ -69,7 +69,7 @@ def test_bad_configs_name_the_value():
     with pytest.raises(ConfigError, match="batch_size must be in \\[1, inf\\], got 0"):
         SweepConfig(batch_size=0)
     with pytest.raises(ConfigError, match="dtype must be one of auto, float32, bfloat16, got 'f64'"):
-        SweepConfig(dtype="f64")
+        SweepConfig(compute_dtype="f64")
 
 
 # --- a model directory -------------------------------------------------------------------------------

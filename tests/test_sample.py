@@ -398,7 +398,7 @@ def test_generate_command_streams_the_prompt_and_continuation(cli, model_dir, to
 
 
 def test_generate_command_in_bfloat16(cli, model_dir):
-    r = cli("generate", model_dir, "To be", "-t", "0", "-n", "6", "--dtype", "bfloat16", "--json")
+    r = cli("generate", model_dir, "To be", "-t", "0", "-n", "6", "--compute-dtype", "bfloat16", "--json")
     assert r.code == 0, r.err
     assert r.json()["dtype"] == "bfloat16" and r.json()["new_tokens"] == 6
 

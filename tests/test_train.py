@@ -25,7 +25,7 @@ from lbdl_cli.train.schedule import lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(preset="nano", batch_size=4, context=32, eval_interval=5, eval_batches=2, log_interval=1,
-             dtype="float32", peak_tflops=1.0)
+             compute_dtype="float32", peak_tflops=1.0)
 
 
 def make_shards(root: Path, name: str, vocab: int, text: str) -> Path:
@@ -184,7 +184,7 @@ def test_same_seed_gives_bit_identical_weights(shards, tmp_path):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_resume_after_sigkill_is_bit_identical(shards, tmp_path, dtype):
     args = ["train", "--data", shards, "--preset", "nano", "--batch-size", 4, "--context", 32, "--max-steps", 40,
-            "--eval-interval", 5, "--eval-batches", 2, "--dropout", 0.1, "--dtype", dtype, "--peak-tflops", 1,
+            "--eval-interval", 5, "--eval-batches", 2, "--dropout", 0.1, "--compute-dtype", dtype, "--peak-tflops", 1,
             "--grad-accum", 2]
     reference = run_cli(*args, "--out", tmp_path / "ref")
     assert reference.wait() == 0, reference.stderr.read()
@@ -208,7 +208,7 @@ def test_resume_after_sigkill_is_bit_identical(shards, tmp_path, dtype):
 
 def test_ctrl_c_checkpoints_exits_130_and_resumes(shards, tmp_path):
     args = ["train", "--data", shards, "--preset", "nano", "--batch-size", 4, "--context", 32, "--max-steps", 400,
-            "--eval-interval", 1000, "--eval-batches", 2, "--dtype", "float32", "--peak-tflops", 1]
+            "--eval-interval", 1000, "--eval-batches", 2, "--compute-dtype", "float32", "--peak-tflops", 1]
     proc = run_cli(*args, "--out", tmp_path / "run")
     deadline = time.time() + 60
     while not (tmp_path / "run" / "metrics.jsonl").exists() and time.time() < deadline:
@@ -264,7 +264,7 @@ def test_train_command(shards, tmp_path, cli):
     r = cli("train", "--help")
     for flag in ("--max-steps", "--grad-accum", "--weight-decay", "--compile", "--resume", "--overfit-batch"):
         assert flag in r.out
-    args = ["--data", shards, "--preset", "nano", "--batch-size", 2, "--context", 32, "--dtype", "float32",
+    args = ["--data", shards, "--preset", "nano", "--batch-size", 2, "--context", 32, "--compute-dtype", "float32",
             "--peak-tflops", 1, "--lr", 3e-3, "--schedule", "constant"]
     r = cli("train", *args, "--overfit-batch", "--max-steps", 120, "--out", tmp_path / "o")
     assert r.code == 0 and "overfit check:" in r.out and "passed" in r.out
@@ -327,7 +327,7 @@ def test_fine_tune_starts_from_the_model_with_a_smaller_lr(shards, tmp_path):
 def test_toml_config_and_flag_override(tmp_path):
     path = tmp_path / "train.toml"
     path.write_text('[train]\npreset = "nano"\nmax-steps = 30\nlr = 0.002\nbatch_size = 8\n')
-    cfg = resolve(str(path), {"max_steps": 5, "lr": None})
+    cfg = resolve(str(path), {"max_steps": 5})
     assert (cfg.preset, cfg.max_steps, cfg.lr, cfg.batch_size) == ("nano", 5, 0.002, 8)
     path.write_text("lr = 'fast'\n")
     with pytest.raises(ConfigError, match="lr must be a float"):
@@ -392,7 +392,7 @@ def test_resume_of_a_non_run_is_refused(tmp_path):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_match_one_process(shards, tmp_path, mode):
     common = ["--data", shards, "--preset", "nano", "--context", 32, "--max-steps", 6, "--eval-interval", 3,
-              "--eval-batches", 2, "--dtype", "float32", "--peak-tflops", 1, "--log-interval", 1]
+              "--eval-batches", 2, "--compute-dtype", "float32", "--peak-tflops", 1, "--log-interval", 1]
     single = run_cli("train", *common, "--batch-size", 8, "--out", tmp_path / "single")
     assert single.wait() == 0, single.stderr.read()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -19,26 +19,31 @@ EXPORT_FORMATS = ("hf",)
 class InitConfig(Config):
     """`lbdl init`: a fresh model from a preset."""
 
+    RENAMED = {"block_size": "context", "dtype": "weights_dtype"}
     preset: str | None = setting(None, "Model preset (see `lbdl presets`); required.")
     vocab_size: int | None = setting(None, "Vocabulary size (none: the preset's).", low=1, high=1 << 24)
-    block_size: int | None = setting(None, "Context length in tokens (none: the preset's).", low=1, high=1 << 20)
+    context: int | None = setting(None, "Context length in tokens, the model's block_size (none: the preset's).",
+                                  low=1, high=1 << 20)
     seed: int = setting(1337, "Seed of the initialisation and of the check on random tokens.")
-    dtype: str = dtype_setting("Stored dtype: auto (float32) | float32 | bfloat16.")
+    weights_dtype: str = dtype_setting("Stored dtype of the weights: auto (float32) | float32 | bfloat16.")
 
 
 @dataclass(frozen=True)
 class ConvertConfig(Config):
     """`lbdl convert`: the dtype the weights are stored in."""
 
-    dtype: str = setting("bfloat16", "Stored dtype of the weights (bfloat16 halves the size).", choices=STORAGE_DTYPES)
+    RENAMED = {"dtype": "weights_dtype"}
+    weights_dtype: str = setting("bfloat16", "Stored dtype of the weights (bfloat16 halves the size).",
+                                 choices=STORAGE_DTYPES)
 
 
 @dataclass(frozen=True)
 class ImportConfig(Config):
     """`lbdl import`."""
 
-    dtype: str = setting("auto", "Stored dtype: auto (as the checkpoint has it; float16 becomes float32) | float32 | "
-                                 "bfloat16.", choices=DTYPE_CHOICES)
+    RENAMED = {"dtype": "weights_dtype"}
+    weights_dtype: str = setting("auto", "Stored dtype of the weights: auto (as the checkpoint has it; float16 "
+                                         "becomes float32) | float32 | bfloat16.", choices=DTYPE_CHOICES)
 
 
 @dataclass(frozen=True)

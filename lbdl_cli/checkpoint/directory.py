@@ -274,7 +274,7 @@ def _quantized_types(config: dict, where) -> dict[str, str]:
 
 def convert_dtype(model_dir: str | os.PathLike, dtype: str, out: str | os.PathLike, force: bool = False) -> dict:
     """Re-save a model directory (tokenizer and sections kept) with its floating-point weights in `dtype`."""
-    dtype = ConvertConfig(dtype=dtype).dtype  # checked
+    dtype = ConvertConfig(weights_dtype=dtype).weights_dtype  # checked
     check_out(out, force, inputs=(model_dir,))
     model, config = load_model(model_dir, dtype=dtype)
     if "quantization" in config:
@@ -353,7 +353,8 @@ def create_model(out: str | os.PathLike, init: InitConfig, force: bool = False) 
 
     from ..model import flops_per_token, random_token_loss
 
-    preset, vocab_size, block_size, seed, dtype = init.preset, init.vocab_size, init.block_size, init.seed, init.dtype
+    preset, vocab_size, block_size, seed = init.preset, init.vocab_size, init.context, init.seed
+    dtype = init.weights_dtype
     if preset is None:
         raise ConfigError(f"give --preset NAME; valid presets: {', '.join(preset_names())}")
     check_out(out, force)

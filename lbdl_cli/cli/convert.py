@@ -26,7 +26,7 @@ def import_(
     """Import a Hugging Face model directory (safetensors, single or sharded)."""
     from ..checkpoint.hf import import_hf
 
-    result = import_hf(hf_dir, out, dtype=build(ImportConfig, fields).dtype, force=force)
+    result = import_hf(hf_dir, out, dtype=build(ImportConfig, fields).weights_dtype, force=force)
     emit(result, as_json, lambda: console.print(
         f"imported {result['architecture']} from {hf_dir} -> {result['out']}: "
         f"{human_count(result['params'])} parameters, {result['dtype']}"))
@@ -60,6 +60,6 @@ def convert(
     """Re-save a model with its weights in another dtype (bfloat16 halves the size)."""
     from ..checkpoint import convert_dtype
 
-    result = convert_dtype(model, build(ConvertConfig, fields).dtype, out, force=force)
+    result = convert_dtype(model, build(ConvertConfig, fields).weights_dtype, out, force=force)
     emit(result, as_json, lambda: console.print(
         f"wrote {result['out']}: {human_count(result['params'])} parameters in {result['dtype']}"))

@@ -18,6 +18,7 @@ from typing import Optional
 import typer
 
 from ..config import field_types, optional_inner
+from ..errors import ConfigError
 
 
 def _flag_type(hint):
@@ -66,6 +67,14 @@ def config_options(config_cls, skip: tuple = ()):
                                             annotation=annotation))
             annotations[f.name] = annotation
 
+        for old, new in config_cls.RENAMED.items():  # the former flag, hidden, for one release
+            if new in annotations and new not in skip:
+                name = f"{ALIAS}{old}"
+                option = typer.Option(None, "--" + old.replace("_", "-"), hidden=True)
+                params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                                annotation=annotations[new]))
+                annotations[name] = annotations[new]
+
         def command(**kwargs):
             return func(**kwargs)
 
@@ -79,10 +88,26 @@ def config_options(config_cls, skip: tuple = ()):
     return decorate
 
 
+ALIAS = "former__"  # the parameter name of a renamed flag: former__ctx carries --ctx
+
+
 def given(config_cls, kwargs: dict) -> dict:
-    """The flags of `config_cls` that were given on the command line (not None)."""
+    """The flags of `config_cls` that were given on the command line (not None); a former flag name
+    (Config.RENAMED) counts as its new one, with a note on stderr."""
     names = {f.name for f in dataclasses.fields(config_cls)}
-    return {k: v for k, v in kwargs.items() if k in names and v is not None}
+    values = {k: v for k, v in kwargs.items() if k in names and v is not None}
+    for key, value in kwargs.items():
+        old = key.removeprefix(ALIAS)
+        if key.startswith(ALIAS) and value is not None and old in config_cls.RENAMED:
+            new = config_cls.RENAMED[old]
+            flag, now = "--" + old.replace("_", "-"), "--" + new.replace("_", "-")
+            if new in values:
+                raise ConfigError(f"give {now} only ({flag} is its former name)")
+            from .output import note
+
+            note(f"note: {flag} is now {now}; the old name goes away in the next release")
+            values[new] = value
+    return values
 
 
 def build(config_cls, kwargs: dict, base: dict | None = None):

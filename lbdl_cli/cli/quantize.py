@@ -99,7 +99,7 @@ def _render_sweep(model: str, eval_file: str, result: dict) -> None:
 
     b = result["baseline"]
     console.print(f"{model}: perplexity {b['perplexity']:.4f} ± {b['std_error']:.4f} ({b['name']}) on "
-                  f"{result['tokens']} tokens of {eval_file}, ctx {result['ctx']}")
+                  f"{result['tokens']} tokens of {eval_file}, context {result['ctx']}")
     table = Table("variant", "bits/weight", "size", "perplexity", "change %", "KL div.", "same top",
                   *(["removed (ppl/KLD)"] if result.get("calibration") else []))
     for r in [b, *result["rows"]]:

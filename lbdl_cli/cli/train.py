@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from ..train.config import LR_FIND_STEPS, TrainConfig
-from .options import config_options
+from .options import config_options, given
 from .output import JSON_OPTION, console, emit, progress_view
 
 CONFIG_OPTION = typer.Option(None, "--config", help="TOML file with any training field; flags override it.")
@@ -39,6 +39,7 @@ def train(
     from ..train.loop import resume_config
     from ..train.loop import train as run_training
 
+    fields = given(TrainConfig, fields)
     cfg = resume_config(resume, fields) if resume else resolve(config, fields)
     with progress_view(quiet=as_json) as listen:
         result = run_training(cfg, listen, resume=bool(resume), force=force)
@@ -70,7 +71,7 @@ def lr_find(
     from ..train.lr_find import lr_find as run_lr_find
     from ..train.lr_find import plot_lr_find
 
-    cfg = resolve(config, fields)
+    cfg = resolve(config, given(TrainConfig, fields))
     with progress_view(quiet=as_json) as listen:
         result = run_lr_find(cfg, steps=steps, progress=listen)
     if out:

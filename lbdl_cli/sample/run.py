@@ -30,9 +30,11 @@ def stop_strings(stops: tuple[str, ...]) -> tuple[str, ...]:
 class GenerateConfig(SamplingConfig):
     """`lbdl generate`: how to sample (SamplingConfig's fields, stop strings as typed) and what to run."""
 
+    RENAMED = {"dtype": "compute_dtype"}
+
     num_samples: int = setting(1, "Samples per prompt.", low=1)
     each_line: bool = setting(False, "Every non-empty line of the prompt is a prompt of its own (one batch).")
-    dtype: str = dtype_setting()
+    compute_dtype: str = dtype_setting()
     device: str = device_setting()
 
     @property
@@ -61,7 +63,7 @@ def generate_text(model_dir: str | os.PathLike | None, prompt: str, cfg: Generat
     cfg = cfg or GenerateConfig()
     prompts = split_prompts(prompt, cfg.each_line)
     sampling = cfg.sampling
-    model, tok, _ = load_for_inference(model_dir, cfg.dtype, cfg.device, progress=progress)
+    model, tok, _ = load_for_inference(model_dir, cfg.compute_dtype, cfg.device, progress=progress)
     for i, p in enumerate(prompts):  # refuse a bad prompt before anything is written
         encode_prompt(tok, p, i if len(prompts) > 1 else None)
     stream = on_text is not None and len(prompts) * cfg.num_samples == 1

@@ -21,6 +21,7 @@ LR_FIND_STEPS = 20  # optimizer steps per learning rate of `lbdl lr-find`
 
 @dataclass(frozen=True)
 class TrainConfig(Config):
+    RENAMED = {"dtype": "compute_dtype"}
     # what to train on and where
     data: str | None = setting(None, "Token shards made by `lbdl data prepare` (their tokenizer.model goes into the "
                                      "model).")
@@ -66,7 +67,7 @@ class TrainConfig(Config):
                                          "never).", low=1)
     log_interval: int = setting(10, "Log loss, lr, grad norm, tokens/s and MFU every N steps.", low=1)
     # numerics and devices
-    dtype: str = setting("auto", "auto (bf16 autocast where the hardware has it) | float32 | bfloat16.",
+    compute_dtype: str = setting("auto", "auto (bf16 autocast where the hardware has it) | float32 | bfloat16.",
                          choices=DTYPE_CHOICES)
     device: str = device_setting("auto | cpu | cuda (cuda:N).")
     compile: bool = setting(False, "Compile the model with torch.compile.")
@@ -98,13 +99,12 @@ class TrainConfig(Config):
 
 
 def resolve(file: str | None, flags: dict) -> TrainConfig:
-    """Defaults <- TOML file (its top level or a [train] table; `max-steps` spelt either way) <- flags that were
-    given (not None)."""
+    """Defaults <- TOML file (its top level or a [train] table; `max-steps` spelt either way) <- the flags given
+    (`cli.options.given`)."""
     values = {}
     if file:
         data, where = read_toml(file)
         data = data["train"] if isinstance(data.get("train"), dict) else data
-        values = {k.replace("-", "_"): v for k, v in data.items()}
+        values = TrainConfig.upgrade({k.replace("-", "_"): v for k, v in data.items()}, where)
         TrainConfig.from_dict(values, where=where)  # names the file in errors
-    values.update({k: v for k, v in flags.items() if v is not None})
-    return TrainConfig.from_dict(values)
+    return TrainConfig.from_dict({**values, **flags})

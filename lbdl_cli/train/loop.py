@@ -128,7 +128,7 @@ class Trainer:
                  resume: bool = False, force: bool = False):
         self.cfg, self.parts, self.dist, self.progress, self.resume = cfg, parts, dist, progress, resume
         self.device = dist.device
-        self.amp = autocast_dtype(cfg.dtype, self.device)
+        self.amp = autocast_dtype(cfg.compute_dtype, self.device)
         self.run = Path(cfg.out) if cfg.out else None  # lr-find trains without a run directory
         self.replace_run = self.run is not None and state.check_run_dir(self.run, resume, force)
         self.model, self.sampler, self.val, self.context = parts.model, parts.sampler, parts.val, parts.context
@@ -384,11 +384,11 @@ def train(cfg: TrainConfig, progress: Progress | None = None, resume: bool = Fal
 
 
 def resume_config(run: str | Path, overrides: dict) -> TrainConfig:
-    """The saved config of a run, with the flags given now (not None) applied on top."""
+    """The saved config of a run, with the flags given now applied on top."""
     path = Path(run) / state.TRAIN_CONFIG
     if not path.is_file():
         raise ConfigError(f"{run} is not a run directory (no {state.TRAIN_CONFIG}); nothing to resume")
-    values = json.loads(read_text(path))
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    values = TrainConfig.upgrade(json.loads(read_text(path)), str(path))
+    values.update(overrides)
     values["out"] = str(run)
     return TrainConfig.from_dict(values, where=f"{path}")
