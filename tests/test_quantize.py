@@ -112,7 +112,7 @@ def test_calibrated_quantization_is_recorded(tmp_path):
     tok = train([tmp_path / "t.txt"], vocab_size=300, out=tmp_path / "tok")
     save_model(tiny_model(vocab_size=300, n_embd=64), tmp_path / "fp", tokenizer=tmp_path / "tok" / "tokenizer.model")
     result = quantize_dir(tmp_path / "fp", tmp_path / "q", QuantizeConfig(type="q4_0", calibrate=tmp_path / "t.txt",
-                                                                          ctx=16))
+                                                                          context=16))
     assert result["calibration"]["tokens"] >= 16 and tok.vocab_size == 300
     _, config = load_model(tmp_path / "q")
     assert config["quantization"]["calibration"]["ctx"] == 16

@@ -9,14 +9,18 @@ dimension (GPT-2's c_attn); conv1d marks GPT-2's Conv1D weights, stored
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
 import torch
 
+from tokenizer import Tokenizer
+from tokenizer.hf import save_hf_tokenizer
+
+from ..atomic import check_out
 from ..errors import CheckpointError
+from ..files import inside, read_json
 from ..model import GPT, ModelConfig
 from . import (
     CONFIG_FILE,
@@ -171,16 +175,33 @@ def _expand(table, n_layer: int):
             yield hf_name.format(i=i), tuple(n.format(i=i) for n in names), conv1d
 
 
+def _shards(index: Path) -> list[Path]:
+    """The files a sharded checkpoint's index names, each inside the index's directory."""
+    weight_map = read_json(index, "checkpoint index", error=CheckpointError).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"checkpoint index {index} has no weight_map table (tensor name -> shard file); "
+                              f"save the model again with save_pretrained")
+    entries = set()
+    for name, entry in weight_map.items():
+        if not isinstance(entry, str) or not entry:
+            raise CheckpointError(f"checkpoint index {index}: weight_map entry {entry!r} (of {name}) is not a "
+                                  f"file name")
+        entries.add(entry)
+    files = []
+    for entry in sorted(entries):
+        f = inside(index.parent, entry, f"{index} weight_map entry", CheckpointError)
+        if not f.is_file():
+            raise CheckpointError(f"{index} names shard {entry}, which is missing from {index.parent}")
+        files.append(f)
+    return files
+
+
 def _read_hf_tensors(dir: Path) -> dict[str, torch.Tensor]:
     index = dir / "model.safetensors.index.json"
     if (dir / WEIGHTS_FILE).is_file():
         files = [dir / WEIGHTS_FILE]
     elif index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        files = [dir / name for name in sorted(set(weight_map.values()))]
-        for f in files:
-            if not f.is_file():
-                raise CheckpointError(f"{index} names shard {f.name}, which is missing from {dir}")
+        files = _shards(index)
     else:
         pickled = [p.name for p in dir.iterdir() if p.name in PICKLE_FILES or p.suffix == ".bin"]
         if pickled:
@@ -210,15 +231,13 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, dtype: torch.dt
               force: bool = False) -> dict:
     """Convert a Hugging Face GPT2LMHeadModel / LlamaForCausalLM directory into an lbdl model directory
     (`dtype`: None or "auto" keeps the stored precision, float16 excepted)."""
+    check_out(out, force, inputs=(hf_dir,))
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
     hf_dir = Path(hf_dir)
     if not (hf_dir / CONFIG_FILE).is_file():
         raise CheckpointError(f"{hf_dir} has no {CONFIG_FILE}; expected a Hugging Face model directory")
-    try:
-        hf = json.loads((hf_dir / CONFIG_FILE).read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{hf_dir / CONFIG_FILE} is not valid JSON ({e})") from None
+    hf = read_json(hf_dir / CONFIG_FILE, "Hugging Face config", error=CheckpointError)
     arch = _hf_architecture(hf, hf_dir)
     family = FAMILIES[arch]
     try:
@@ -263,8 +282,33 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, dtype: torch.dt
             "dtype": str(next(iter(state.values())).dtype).replace("torch.", ""), "model": cfg.to_dict()}
 
 
+def _special_ids(tok: Tokenizer | None) -> dict:
+    """The config's bos/eos/pad ids: the tokenizer's, or null without one (transformers would otherwise assume
+    GPT-2's 50256, outside the vocabulary)."""
+    ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    if tok is not None:
+        for key, i in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id), ("pad_token_id", tok.pad_id)):
+            ids[key] = i if i >= 0 else None
+    return ids
+
+
+def _model_tokenizer(model_dir: Path, vocab_size: int) -> Tokenizer | None:
+    """The model directory's tokenizer, if it has one; its ids must fit the model's vocabulary."""
+    if not (model_dir / TOKENIZER_FILE).is_file():
+        return None
+    tok = Tokenizer.load(model_dir / TOKENIZER_FILE)
+    if tok.vocab_size > vocab_size:
+        raise CheckpointError(f"{model_dir / TOKENIZER_FILE} has {tok.vocab_size} ids but the model's vocabulary "
+                              f"has {vocab_size}; put the tokenizer the model was trained with beside it")
+    return tok
+
+
 def export_hf(model_dir: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> dict:
-    """Write an lbdl model as a transformers directory (config.json + model.safetensors)."""
+    """Write an lbdl model as a transformers directory: config.json (with the tokenizer's bos/eos/pad ids),
+    model.safetensors, and with the model's tokenizer: tokenizer.json, tokenizer_config.json and
+    special_tokens_map.json (`AutoTokenizer` encodes and decodes as lbdl does) beside lbdl's tokenizer.model."""
+    check_out(out, force, inputs=(model_dir,))
+    model_dir = Path(model_dir)
     model, config = load_model(model_dir)
     if "quantization" in config:
         raise CheckpointError(f"{model_dir} is quantized; export the unquantized model (transformers cannot read "
@@ -275,6 +319,7 @@ def export_hf(model_dir: str | os.PathLike, out: str | os.PathLike, force: bool 
     if arch is None:
         why = "; ".join(f"{a} needs to change {', '.join(w)}" for a, w in fits.items())
         raise CheckpointError(f"{model_dir} fits no Hugging Face architecture lbdl exports ({why})")
+    tok = _model_tokenizer(model_dir, cfg.vocab_size)
     family = FAMILIES[arch]
     state = model.state_dict()
     out_tensors = {}
@@ -283,12 +328,15 @@ def export_hf(model_dir: str | os.PathLike, out: str | os.PathLike, force: bool 
             continue
         t = torch.cat([state[n] for n in names], dim=0)
         out_tensors[hf_name] = (t.t() if conv1d else t).contiguous()
-    hf_config = family["to_hf"](cfg)
+    hf_config = {**family["to_hf"](cfg), **_special_ids(tok)}
     hf_config["dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
     with atomic_dir(out, force=force, inputs=(model_dir,)) as tmp:
         save_tensors(out_tensors, tmp / WEIGHTS_FILE)
         write_json(tmp / CONFIG_FILE, hf_config)
-        tokenizer = Path(model_dir) / TOKENIZER_FILE
-        if tokenizer.is_file():
-            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
-    return {"out": str(out), "architecture": arch, "tensors": len(out_tensors)}
+        if tok is not None:
+            shutil.copyfile(model_dir / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
+            if tok.exact:  # a foreign sentencepiece model (an imported Llama's) keeps only its tokenizer.model
+                save_hf_tokenizer(tok, tmp, model_max_length=cfg.block_size)
+        files = sorted(p.name for p in tmp.iterdir())
+    return {"out": str(out), "architecture": arch, "tensors": len(out_tensors), "files": files,
+            "hf_tokenizer": tok is not None and tok.exact}
