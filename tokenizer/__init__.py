@@ -21,6 +21,7 @@ _EXPORTS = {
     "TokenizerConfig": "config", "EncodeConfig": "config", "DecodeConfig": "config", "InspectConfig": "config",
     "encode_text": "commands", "decode_ids": "commands", "inspect_tokenizer": "commands",
     "expand_files": "corpus", "TextFile": "corpus",
+    "tokenizer_json": "hf", "save_hf_tokenizer": "hf",
 }
 
 __all__ = sorted(_EXPORTS)
