@@ -1,8 +1,3 @@
 """lbdl: train, evaluate, quantize and sample small language models."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("lbdl")
-except PackageNotFoundError:  # running from a checkout that is not installed
-    __version__ = "0.0.0+local"
+__version__ = "0.1.0"  # pyproject.toml reads it from here: no importlib.metadata at start-up

@@ -27,14 +27,16 @@ from .errors import ConfigError
 
 
 def setting(default, help: str, *, low=None, high=None, low_open: bool = False, choices=None, flag: str | None = None,
-            short: str | None = None, cli: bool = True):
+            short: str | None = None, cli: bool = True, metavar: str | None = None):
     """A config field: its default, its --help text, and what the CLI and the range check need.
 
     `low`/`high` bound a number (inclusive; `low_open` makes the low bound exclusive), `choices`
     lists the allowed values of a text field, `flag` renames the CLI flag (default: --field-name),
-    `short` adds a short flag, `cli=False` keeps the field out of the command line."""
+    `short` adds a short flag, `cli=False` keeps the field out of the command line, `metavar` names
+    the value in --help (default: N, X, TEXT or the choices; DIR, FILE, MODEL for paths)."""
     meta = {"help": help, "low": low, "high": high, "low_open": low_open,
-            "choices": tuple(choices) if choices else None, "flag": flag, "short": short, "cli": cli}
+            "choices": tuple(choices) if choices else None, "flag": flag, "short": short, "cli": cli,
+            "metavar": metavar}
     if isinstance(default, (list, dict, set)):
         raise TypeError("config defaults must be immutable: use a tuple")
     return dataclasses.field(default=default, metadata=meta)

@@ -73,10 +73,12 @@ class TaskConfig(Config):
 
     extract: str = setting("auto", "How to read the answer from a completion (auto: choice if the record lists "
                                    "choices, number if the answer is one, else exact).", choices=EXTRACT_METHODS)
-    pattern: str | None = setting(None, "Regular expression for --extract regex (group 1 is the answer).")
+    pattern: str | None = setting(None, "Regular expression for --extract regex (group 1 is the answer).",
+                                  metavar="REGEX")
     max_new_tokens: int = setting(32, "Tokens per completion at most.", low=1)
     stop: tuple[str, ...] = setting(("\\n",), "Stop strings, as typed on a command line (\\n is a line break).")
     batch_size: int = setting(8, "Prompts per generate() call.", low=1)
+    show: int = setting(0, "Print the first N records with their completions.", low=0)
     compute_dtype: str = dtype_setting()
     device: str = device_setting()
 

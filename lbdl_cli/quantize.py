@@ -86,7 +86,7 @@ class QuantizeConfig(Config):
     recipe: str = setting("pure", "Which tensors get the next type up: " +
                           "; ".join(f"{k}: {v}" for k, v in RECIPES.items()) + ".", choices=tuple(RECIPES))
     embeddings: str = setting(DEFAULT_EMBEDDINGS, _EMBEDDINGS_HELP, choices=EMBEDDING_CHOICES + _TYPES)
-    calibrate: str | None = setting(None, _CALIBRATE_HELP)
+    calibrate: str | None = setting(None, _CALIBRATE_HELP, metavar="FILE")
     context: int | None = setting(None, "Calibration window in tokens (default: the model's context).", low=1)
 
     def __post_init__(self):
@@ -110,11 +110,11 @@ class SweepConfig(Config):
                                        choices=tuple(RECIPES))
     embeddings: str = setting(DEFAULT_EMBEDDINGS, _EMBEDDINGS_HELP, choices=EMBEDDING_CHOICES + _TYPES)
     calibrate: str | None = setting(None, "Text file: also quantize each type with importance weights and report "
-                                          "the share of the perplexity increase they remove.")
+                                          "the share of the perplexity increase they remove.", metavar="FILE")
     context: int | None = setting(None, "Evaluation window in tokens (default: the model's context).", low=4)
     batch_size: int = setting(8, "Windows per forward pass.", low=1)
     compute_dtype: str = dtype_setting("Precision of the reference and of every variant's unquantized parts: "
-                               "auto (as stored) | float32 | bfloat16.")
+                                       "auto (as stored) | float32 | bfloat16.")
 
     def __post_init__(self):
         _set(self, "types", _names(self.types, type_name))

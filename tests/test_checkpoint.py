@@ -7,6 +7,7 @@ from conftest import tiny_model
 from safetensors.torch import save_file
 
 import lbdl_cli.checkpoint as ckpt
+import lbdl_cli.checkpoint.configs as configs
 import lbdl_cli.checkpoint.directory as directory
 from lbdl_cli.checkpoint import (
     InitConfig,
@@ -215,7 +216,7 @@ def test_create_model_and_info(tmp_path):
 
 
 def test_default_model_dir_is_clear_when_absent(monkeypatch, tmp_path):
-    monkeypatch.setattr(directory, "_presets_root", lambda: tmp_path)
+    monkeypatch.setattr(configs, "_presets_root", lambda: tmp_path)
     with pytest.raises(CheckpointError, match="bundled default model is missing"):
         default_model_dir()
 

@@ -50,7 +50,7 @@ def test_library_error_is_one_line_exit_2(tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def test_unexpected_failure_is_one_line_exit_1(cli, monkeypatch):
+def test_unexpected_failure_is_one_line_exit_1(cli, monkeypatch, model_dir):
     import lbdl_cli.checkpoint
 
     def broken(path):
@@ -58,15 +58,18 @@ def test_unexpected_failure_is_one_line_exit_1(cli, monkeypatch):
 
     monkeypatch.setattr(lbdl_cli.checkpoint, "model_info", broken)
     monkeypatch.delenv("LBDL_DEBUG", raising=False)
-    r = cli("info", "x")
+    r = cli("info", model_dir)
     assert r.code == 1
     assert r.err.strip().splitlines() == [
         "lbdl: failed: RuntimeError: something broke (set LBDL_DEBUG=1 for the traceback)"]
 
 
-def test_debug_shows_the_traceback(tmp_path):
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(tmp_path):
     r = run("info", tmp_path / "missing", env={"LBDL_DEBUG": "1"})
-    assert r.returncode == 1 and "Traceback" in r.stderr and "CheckpointError" in r.stderr
+    assert r.returncode == 2 and "Traceback" in r.stderr and "CheckpointError" in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == f"lbdl: error: model directory {tmp_path / 'missing'} does not exist"
+    r = run("train", "--max-steps", "many", env={"LBDL_DEBUG": "1"})
+    assert r.returncode == 2 and "Traceback" in r.stderr
 
 
 def test_init_info_json(cli, tmp_path):

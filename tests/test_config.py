@@ -85,7 +85,7 @@ def test_defaults_must_be_immutable():
 
 
 def _app():
-    app = typer.Typer()
+    app = typer.Typer(rich_markup_mode=None)  # the house style: plain help (cli/options.group)
     seen = {}
 
     @app.command()

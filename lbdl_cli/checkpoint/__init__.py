@@ -29,19 +29,23 @@ from .configs import (
     ExportConfig,
     ImportConfig,
     InitConfig,
+    default_model_dir,
+    preset_names,
+    read_config,
 )
 
 _DIRECTORY = (
     "DTYPES", "SAFETENSORS_DTYPES", "TOKENIZER_FILE", "atomic_dir", "check_tensors", "convert_dtype", "create_model",
-    "default_model_dir", "dir_size", "load_model", "load_preset", "model_config", "model_info", "open_safetensors",
-    "parse_dtype", "preset_names", "read_config", "save_model", "save_tensors", "tensor_dtypes", "tensor_shapes",
+    "dir_size", "load_model", "load_preset", "model_config", "model_info", "open_safetensors",
+    "parse_dtype", "save_model", "save_tensors", "tensor_dtypes", "tensor_shapes",
     "weights_path",
     "write_json", "write_model",
 )
 
 __all__ = [  # the light names, then the directory's
     "CONFIG_FILE", "EXPORT_FORMATS", "FORMAT_VERSION", "PICKLE_FILES", "STORAGE_DTYPES", "WEIGHTS_FILE",
-    "ConvertConfig", "ExportConfig", "ImportConfig", "InitConfig", *_DIRECTORY,
+    "ConvertConfig", "ExportConfig", "ImportConfig", "InitConfig", "default_model_dir", "preset_names",
+    "read_config", *_DIRECTORY,
 ]
 
 

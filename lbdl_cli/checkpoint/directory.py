@@ -13,7 +13,6 @@ import json
 import math
 import os
 import shutil
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -26,7 +25,18 @@ from ..atomic import atomic_dir, check_out  # noqa: F401  (atomic_dir re-exporte
 from ..errors import CheckpointError, ConfigError
 from ..files import tensor_entries
 from ..model import GPT, ModelConfig
-from .configs import CONFIG_FILE, FORMAT_VERSION, PICKLE_FILES, WEIGHTS_FILE, ConvertConfig, InitConfig
+from .configs import (  # noqa: F401  (default_model_dir, preset_names, read_config re-exported)
+    CONFIG_FILE,
+    FORMAT_VERSION,
+    PICKLE_FILES,
+    WEIGHTS_FILE,
+    ConvertConfig,
+    InitConfig,
+    _presets_root,
+    default_model_dir,
+    preset_names,
+    read_config,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
@@ -35,18 +45,6 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch
 
 
 # --- presets and the bundled default model -------------------------------------
-
-
-def _presets_root():
-    """models/ as installed (the data package lbdl_cli.presets), or in a checkout run in place."""
-    try:
-        return resources.files("lbdl_cli.presets")
-    except ModuleNotFoundError:  # `python -m lbdl_cli` from an uninstalled checkout
-        return Path(__file__).resolve().parents[2] / "models"
-
-
-def preset_names() -> list[str]:
-    return sorted(p.name[: -len(".json")] for p in _presets_root().iterdir() if p.name.endswith(".json"))
 
 
 def load_preset(name: str) -> tuple[ModelConfig, str]:
@@ -58,13 +56,7 @@ def load_preset(name: str) -> tuple[ModelConfig, str]:
     return ModelConfig.from_dict(data["model"]), data.get("description", "")
 
 
-def default_model_dir() -> Path:
-    """The bundled default model (a directory inside the installed package)."""
-    path = Path(str(_presets_root() / "default"))
-    if not (path / CONFIG_FILE).is_file():
-        raise CheckpointError(f"the bundled default model is missing from {path}; reinstall lbdl or name a model "
-                              f"directory")
-    return path
+
 
 
 def write_json(path: Path, obj) -> None:
@@ -100,36 +92,6 @@ def save_model(model: GPT, out: str | os.PathLike, tokenizer: str | os.PathLike 
 
 
 # --- load ---------------------------------------------------------------------------
-
-
-def read_config(dir: str | os.PathLike) -> dict:
-    """config.json of a model directory, its format version checked."""
-    dir = Path(dir)
-    if not dir.exists():
-        raise CheckpointError(f"model directory {dir} does not exist")
-    if not dir.is_dir():
-        raise CheckpointError(f"{dir} is not a model directory (expected a directory with {CONFIG_FILE} and "
-                              f"{WEIGHTS_FILE})")
-    path = dir / CONFIG_FILE
-    if not path.is_file():
-        hf_dir = (dir / "model.safetensors.index.json").exists()
-        hint = " (it looks like a Hugging Face directory: run `lbdl import` first)" if hf_dir else ""
-        raise CheckpointError(f"{dir} has no {CONFIG_FILE}; it is not an lbdl model directory{hint}")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); re-save the model") from None
-    if not isinstance(config, dict) or "model" not in config:
-        hf_config = isinstance(config, dict) and "architectures" in config
-        hint = " (it looks like a Hugging Face config: run `lbdl import` first)" if hf_config else ""
-        raise CheckpointError(f"{path} has no 'model' section; it is not an lbdl model directory{hint}")
-    version = config.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} has format_version {version!r}; this lbdl reads format_version {FORMAT_VERSION} (upgrade lbdl "
-            f"or re-save the model)"
-        )
-    return config
 
 
 def model_config(config: dict, where) -> ModelConfig:

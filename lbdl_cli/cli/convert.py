@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from ..checkpoint.configs import ConvertConfig, ExportConfig, ImportConfig
-from .options import build, config_options
+from .options import build, config_options, model_argument, out_option
 from .output import FORCE_OPTION, JSON_OPTION, console, emit, human_count
 
 
@@ -17,8 +17,9 @@ def register(app: typer.Typer) -> None:
 
 @config_options(ImportConfig)
 def import_(
-    hf_dir: str = typer.Argument(..., help="A transformers directory (GPT2LMHeadModel or LlamaForCausalLM)."),
-    out: str = typer.Option(..., "--out", help="Output lbdl model directory."),
+    hf_dir: str = typer.Argument(..., metavar="DIR",
+                                 help="A transformers directory (GPT2LMHeadModel or LlamaForCausalLM)."),
+    out: str = out_option("Output lbdl model directory."),
     force: bool = FORCE_OPTION,
     as_json: bool = JSON_OPTION,
     **fields,
@@ -34,8 +35,8 @@ def import_(
 
 @config_options(ExportConfig)
 def export(
-    model: str = typer.Argument(..., help="lbdl model directory."),
-    out: str = typer.Option(..., "--out", help="Output directory."),
+    model: str = model_argument(),
+    out: str = out_option("Output directory."),
     force: bool = FORCE_OPTION,
     as_json: bool = JSON_OPTION,
     **fields,
@@ -51,8 +52,8 @@ def export(
 
 @config_options(ConvertConfig)
 def convert(
-    model: str = typer.Argument(..., help="lbdl model directory."),
-    out: str = typer.Option(..., "--out", help="Output model directory."),
+    model: str = model_argument(),
+    out: str = out_option("Output model directory."),
     force: bool = FORCE_OPTION,
     as_json: bool = JSON_OPTION,
     **fields,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import typer
 
 from ..data import PrepareConfig
-from .options import build, config_options
+from .options import build, config_options, group, out_option
 from .output import FORCE_OPTION, JSON_OPTION, console, emit, esc, human_bytes, human_count, kv_table, progress_view
 
-app = typer.Typer(help="Prepare corpora: tokenize text into train/val token shards.", no_args_is_help=True)
+app = group("Prepare corpora: tokenize text into train/val token shards.")
 
 
 def register(root: typer.Typer) -> None:
@@ -37,8 +37,9 @@ def _rows(meta: dict) -> dict:
 @config_options(PrepareConfig)
 def prepare(
     files: list[str] = typer.Argument(..., metavar="FILES", help="Text files or globs (quote globs; `**` recurses)."),
-    tokenizer: str = typer.Option(..., "--tokenizer", help="Tokenizer or model directory, or a tokenizer.model file."),
-    out: str = typer.Option(..., "--out", help="Output shard directory (train.bin, val.bin, meta.json)."),
+    tokenizer: str = typer.Option(..., "--tokenizer", metavar="DIR",
+                                  help="Tokenizer or model directory, or a tokenizer.model file."),
+    out: str = out_option("Output shard directory (train.bin, val.bin, meta.json)."),
     force: bool = FORCE_OPTION,
     as_json: bool = JSON_OPTION,
     **fields,
@@ -61,7 +62,7 @@ def prepare(
 
 @app.command("info")
 def info(
-    shards: str = typer.Argument(..., help="Shard directory written by `lbdl data prepare`."),
+    shards: str = typer.Argument(..., metavar="DIR", help="Shard directory written by `lbdl data prepare`."),
     as_json: bool = JSON_OPTION,
 ):
     """Show a shard directory's token counts, dtype, split and sources."""

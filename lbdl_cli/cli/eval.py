@@ -5,10 +5,10 @@ from __future__ import annotations
 import typer
 
 from ..evaluate import PerplexityConfig, TaskConfig
-from .options import build, config_options
+from .options import build, config_options, file_argument, group, model_argument
 from .output import JSON_OPTION, console, emit, esc, progress_view
 
-app = typer.Typer(help="Evaluate a model: perplexity of a text, accuracy on a task file.", no_args_is_help=True)
+app = group("Evaluate a model: perplexity of a text, accuracy on a task file.")
 
 
 def register(root: typer.Typer) -> None:
@@ -18,8 +18,8 @@ def register(root: typer.Typer) -> None:
 @app.command("perplexity")
 @config_options(PerplexityConfig)
 def perplexity(
-    model: str = typer.Argument(..., help="Model directory."),
-    file: str = typer.Argument(..., help="UTF-8 text file to score."),
+    model: str = model_argument(),
+    file: str = file_argument("UTF-8 text file to score.", "text file"),
     as_json: bool = JSON_OPTION,
     **fields,
 ):
@@ -49,9 +49,8 @@ def perplexity(
 @app.command("task")
 @config_options(TaskConfig)
 def task(
-    model: str = typer.Argument(..., help="Model directory."),
-    tasks: str = typer.Argument(..., help='JSONL file: one {"prompt": ..., "answer": ...} per line.'),
-    show: int = typer.Option(0, "--show", help="Print the first N records with their completions."),
+    model: str = model_argument(),
+    tasks: str = file_argument('JSONL file: one {"prompt": ..., "answer": ...} per line.', "task file"),
     as_json: bool = JSON_OPTION,
     **fields,
 ):
@@ -65,9 +64,9 @@ def task(
     def render():
         from rich.table import Table
 
-        if show:
+        if cfg.show:
             table = Table("line", "answer", "predicted", "", "completion")
-            for r in result["records"][:show]:
+            for r in result["records"][:cfg.show]:
                 table.add_row(str(r["line"]), esc(r["answer"]), esc(r["predicted"]),
                               "[green]yes[/green]" if r["correct"] else "[red]no[/red]", esc(repr(r["completion"])))
             console.print(table)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -10,7 +11,7 @@ import typer
 
 from ..checkpoint.configs import CONFIG_FILE
 from ..sample.run import GenerateConfig
-from .options import build, config_options
+from .options import build, complete_model_dirs, config_options
 from .output import JSON_OPTION, emit, err_console, progress_view
 
 
@@ -28,29 +29,57 @@ def _read_prompt(source: str, is_file: bool) -> str:
     return source
 
 
-def _model_and_prompt(args: list[str], prompt_file: str | None) -> tuple[str | None, str]:
-    """Which argument is the model and which the prompt; the prompt's text."""
+def _looks_like_path(arg: str) -> bool:
+    """A path separator, or the name of something that exists: meant as a model, not as a prompt."""
+    return (os.sep in arg or "/" in arg) and "\n" not in arg or os.path.lexists(arg)
+
+
+def _model_and_prompt(args: list[str], prompt_file: str | None, model: str | None) -> tuple[str | None, str]:
+    """Which argument is the model and which the prompt; the prompt's text. A lone argument is the prompt (and
+    the bundled model runs) only when it cannot be a mistyped model path; --model says which model outright."""
+    from ..checkpoint.configs import read_config
     from ..errors import ConfigError
 
-    if len(args) > 2:
-        raise ConfigError(f"expected [MODEL] PROMPT but got {len(args)} arguments; quote a prompt that has spaces")
+    def checked(path: str | None) -> str | None:
+        if path is None or path == "default":
+            return None
+        read_config(path)  # a missing or broken model directory is an error naming it, before torch loads
+        return path
+
+    wanted = 2 if model is None else 1  # arguments at most: [MODEL] PROMPT, or PROMPT with --model
+    if len(args) > wanted:
+        usage = "[MODEL] PROMPT" if model is None else "PROMPT (the model is --model's)"
+        raise ConfigError(f"expected {usage} but got {len(args)} arguments; quote a prompt that has spaces")
     if prompt_file is not None:
-        if len(args) == 2:
+        if len(args) == wanted:
             raise ConfigError("give the prompt either as an argument or with --prompt-file, not both")
-        return (args[0] if args else None), _read_prompt(prompt_file, True)
+        return checked(model if model is not None else (args[0] if args else None)), _read_prompt(prompt_file, True)
+    if not args:
+        raise ConfigError("no prompt given: pass PROMPT (after the model), --prompt-file FILE, or - to read stdin")
+    if model is not None:
+        return checked(model), _read_prompt(args[0], False)
     if len(args) == 2:
-        return args[0], _read_prompt(args[1], False)
-    if len(args) == 1 and not (Path(args[0]) / CONFIG_FILE).is_file():
-        return None, _read_prompt(args[0], False)
-    raise ConfigError("no prompt given: pass PROMPT (after the model), --prompt-file FILE, or - to read stdin")
+        return checked(args[0]), _read_prompt(args[1], False)
+    if (Path(args[0]) / CONFIG_FILE).is_file():
+        raise ConfigError(f"no prompt given for the model {args[0]}: pass PROMPT after it, --prompt-file FILE, "
+                          f"or - to read stdin")
+    if _looks_like_path(args[0]) and args[0] != "-":
+        raise ConfigError(f"{args[0]} looks like a path but is not a model directory (no {CONFIG_FILE}); fix the "
+                          f"path, or pass --model default to send it as a prompt to the bundled model")
+    return None, _read_prompt(args[0], False)
 
 
 @config_options(GenerateConfig)
 def generate(
     args: Optional[list[str]] = typer.Argument(
         None, metavar="[MODEL] PROMPT",
-        help="Model directory (left out: the bundled default model), then the prompt; - reads it from stdin."),
-    prompt_file: Optional[str] = typer.Option(None, "--prompt-file",
+        help="Model directory (left out: the bundled default model), then the prompt; - reads it from stdin. "
+             "A lone argument that looks like a path is taken for a mistyped model: use --model default to send "
+             "it as a prompt."),
+    model: Optional[str] = typer.Option(None, "--model", metavar="MODEL", autocompletion=complete_model_dirs,
+                                        help="The model directory, or default for the bundled model: every "
+                                             "argument is then the prompt."),
+    prompt_file: Optional[str] = typer.Option(None, "--prompt-file", metavar="FILE",
                                               help="Read the prompt from this file (- = stdin)."),
     as_json: bool = JSON_OPTION,
     **fields,
@@ -59,7 +88,7 @@ def generate(
     from ..sample.run import generate_text
 
     cfg = build(GenerateConfig, fields)
-    model_arg, text = _model_and_prompt(list(args or []), prompt_file)
+    model_arg, text = _model_and_prompt(list(args or []), prompt_file, model)
     out = sys.stdout
 
     def on_text(new_text: str):

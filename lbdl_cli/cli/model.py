@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from ..checkpoint.configs import InitConfig
-from .options import build, config_options
+from .options import build, config_options, model_argument, out_option
 from .output import (
     FORCE_OPTION,
     JSON_OPTION,
@@ -16,6 +16,7 @@ from .output import (
     esc,
     human_bytes,
     human_count,
+    inline,
     kv_table,
 )
 
@@ -28,7 +29,7 @@ def register(app: typer.Typer) -> None:
 
 def info(
     ctx: typer.Context,
-    model: Optional[str] = typer.Argument(None, metavar="MODEL", help="Model directory (optional with --system)."),
+    model: Optional[str] = model_argument("Model directory (optional with --system).", required=False),
     system: bool = typer.Option(False, "--system", help="Show this machine: the CPU's capabilities, the kernel "
                                 "probe's timings and what they chose."),
     as_json: bool = JSON_OPTION,
@@ -57,12 +58,12 @@ def info(
             "size on disk": human_bytes(result["size_bytes"]),
             "dtype": ", ".join(result["dtypes"]),
             "bits per weight": f"{result['bits_per_weight']:.2f}",
-            "tokenizer": result["tokenizer"] or "none",
+            "tokenizer": inline(result["tokenizer"]) if result["tokenizer"] else "none",
         }
         for section in ("quantization", "training", "source"):
             if section in result:
-                rows[section] = result[section]
-        console.print(kv_table(rows))
+                rows[section] = inline(result[section])
+        console.print(kv_table({k: esc(v) for k, v in rows.items()}))
         console.print(kv_table(result["model"], title="config"))
         if "quantization" in result:  # each tensor's type
             from rich.table import Table
@@ -101,7 +102,7 @@ def _yes(flag: bool) -> str:
 
 @config_options(InitConfig)
 def init(
-    out: str = typer.Option(..., "--out", help="Output model directory."),
+    out: str = out_option("Output model directory."),
     force: bool = FORCE_OPTION,
     as_json: bool = JSON_OPTION,
     **fields,

@@ -16,9 +16,124 @@ import inspect
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
 from ..config import field_types, optional_inner
 from ..errors import ConfigError
+
+
+class Group(TyperGroup):
+    """A command group whose --help lists each command with its whole first sentence (click cuts it at 45
+    characters)."""
+
+    def format_commands(self, ctx, formatter) -> None:
+        rows = [(name, cmd.get_short_help_str(limit=1000)) for name in self.list_commands(ctx)
+                if (cmd := self.get_command(ctx, name)) is not None and not cmd.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+def house_style(command) -> None:
+    """Usage lines in the classic style, `lbdl eval perplexity [OPTIONS] MODEL FILE`: recent typers write a
+    required argument as {MODEL}."""
+    for param in getattr(command, "params", ()):
+        if param.param_type_name == "argument":
+            name = param.human_readable_name
+            if " " in name:  # a metavar that spells its own usage: generate's "[MODEL] PROMPT"
+                shown = name
+            else:
+                shown = (name if param.required else f"[{name}]") + ("..." if param.nargs != 1 else "")
+            param.get_usage_pieces = lambda ctx, shown=shown: [shown]
+    for sub in getattr(command, "commands", {}).values():
+        house_style(sub)
+
+
+def group(help: str, **kwargs) -> typer.Typer:
+    """A command group (`lbdl eval`, `lbdl data`...) in the house style: plain help, listed in full."""
+    return typer.Typer(help=help, cls=kwargs.pop("cls", Group), no_args_is_help=True, rich_markup_mode=None,
+                       **kwargs)
+
+
+# --- the arguments and options that many commands share: one spelling, one check, one completion ---------
+
+
+def _skip(ctx) -> bool:
+    return ctx is None or ctx.resilient_parsing  # shell completion parses without checking
+
+
+def _model_dir(ctx: typer.Context, value: Optional[str]):
+    if value is not None and not _skip(ctx):
+        from ..checkpoint.configs import read_config
+
+        read_config(value)  # torch-free: a missing or broken model fails before torch is imported
+    return value
+
+
+def _input_file(what: str):
+    def check(ctx: typer.Context, value):
+        if value is None or _skip(ctx) or value == "-":
+            return value
+        from pathlib import Path
+
+        from ..errors import DataError
+
+        path = Path(value)
+        if not path.is_file():
+            raise DataError(f"{what} {value} does not exist" if not path.exists() else f"{what} {value} is not a file")
+        return value
+
+    return check
+
+
+def complete_model_dirs(incomplete: str) -> list[str]:
+    """Directories under the typed prefix that hold a config.json (model directories), and subdirectories to
+    descend into."""
+    import os
+    from pathlib import Path
+
+    head, _, _ = incomplete.rpartition(os.sep)
+    base = Path(head or ".")
+    try:
+        entries = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return []
+    names = [(f"{head}{os.sep}" if head else "") + p.name for p in entries]
+    return [n for n in names if n.startswith(incomplete)]
+
+
+def complete_presets(incomplete: str) -> list[str]:
+    from ..checkpoint.configs import preset_names
+
+    return [name for name in preset_names() if name.startswith(incomplete)]
+
+
+def model_argument(help: str = "Model directory.", required: bool = True):
+    """The MODEL argument: checked (exists, has a readable config.json) before the command imports torch."""
+    return typer.Argument(... if required else None, metavar="MODEL", help=help, callback=_model_dir,
+                          autocompletion=complete_model_dirs, show_default=False)
+
+
+def file_argument(help: str, what: str = "file", metavar: str = "FILE"):
+    """An input file argument, checked to exist before any work (- passes: stdin)."""
+    return typer.Argument(..., metavar=metavar, help=help, callback=_input_file(what), show_default=False)
+
+
+def file_option(flag: str, help: str, what: str = "file", required: bool = False, metavar: str = "FILE"):
+    return typer.Option(... if required else None, flag, metavar=metavar, help=help, callback=_input_file(what),
+                        show_default=False)
+
+
+def out_option(help: str = "Output directory.", required: bool = True):
+    """--out DIR: always a directory (a single output file is --png FILE and so on)."""
+    return typer.Option(... if required else None, "--out", metavar="DIR", help=help, show_default=False)
+
+
+def png_option(help: str):
+    return typer.Option(None, "--png", metavar="FILE", help=help + " (needs matplotlib)", show_default=False)
+
+
+COMPLETIONS = {"MODEL": complete_model_dirs, "PRESET": complete_presets}
 
 
 def _flag_type(hint):
@@ -31,7 +146,15 @@ def _flag_type(hint):
 def _show(value) -> str:
     if isinstance(value, tuple):
         return ",".join(map(str, value)) if value else "none"
-    return str(value)
+    return "none" if value is None else str(value)
+
+
+def _metavar(kind, meta) -> str:
+    """N for an integer, X for a number, a short choice list as [a|b|c], TEXT otherwise."""
+    choices = meta.get("choices")
+    if choices and len("|".join(map(str, choices))) <= 30:
+        return "[" + "|".join(map(str, choices)) + "]"
+    return {int: "N", float: "X"}.get(kind, "NAME" if choices else "TEXT")
 
 
 def config_options(config_cls, skip: tuple = ()):
@@ -57,11 +180,11 @@ def config_options(config_cls, skip: tuple = ()):
                 help_text += f" One of: {', '.join(map(str, meta['choices']))}."
             if multiple and "repeat" not in help_text:
                 help_text += " (repeatable)"
-            if kind is bool:
-                help_text += rf" \[default: {'on' if default else 'off'}]"  # rich markup: \[ is a bracket
-            elif default is not None and default != ():
-                help_text += rf" \[default: {_show(default)}]"
-            option = typer.Option(None, *decls, help=help_text, show_default=False)
+            shown = ("on" if default else "off") if kind is bool else _show(default)
+            help_text += f" [default: {shown}]"
+            metavar = None if kind is bool else meta.get("metavar") or _metavar(kind, meta)
+            option = typer.Option(None, *decls, help=help_text, show_default=False, metavar=metavar,
+                                  autocompletion=COMPLETIONS.get(metavar))
             annotation = Optional[kind]
             params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
                                             annotation=annotation))
@@ -82,7 +205,7 @@ def config_options(config_cls, skip: tuple = ()):
         command.__annotations__ = annotations
         command.__doc__ = func.__doc__
         command.__name__ = func.__name__
-        command.config_class = config_cls
+        command.config_classes = (*getattr(func, "config_classes", ()), config_cls)  # stacked decorators add up
         return command
 
     return decorate

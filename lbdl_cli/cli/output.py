@@ -12,11 +12,42 @@ import sys
 from typing import Callable
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-console = Console(highlight=False, soft_wrap=True)
-err_console = Console(stderr=True, highlight=False)
+
+class _Lazy:
+    """A rich Console made on first use: importing rich costs 60 ms that `--help` and an early error do not pay."""
+
+    def __init__(self, make: Callable):
+        self._make, self._console = make, None
+
+    def real(self):
+        """The Console itself, for rich objects that take one (Progress)."""
+        if self._console is None:
+            self._console = self._make()
+        return self._console
+
+    def __getattr__(self, name):
+        return getattr(self.real(), name)
+
+
+def _stdout_console():
+    """Human output: in a pipe (no terminal, no COLUMNS) lines are not wrapped at 80 columns."""
+    import os
+
+    from rich.console import Console
+
+    piped = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    return Console(highlight=False, soft_wrap=True, width=100_000 if piped else None)
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+console = _Lazy(_stdout_console)
+err_console = _Lazy(_stderr_console)
 
 JSON_OPTION = typer.Option(False, "--json", help="Print one JSON object as the last line of output.")
 FORCE_OPTION = typer.Option(False, "--force", help="Overwrite the output directory if it exists.")
@@ -43,13 +74,26 @@ def note(message: str) -> None:
     err_console.print(message)
 
 
-def kv_table(rows: dict, title: str | None = None) -> Table:
+def kv_table(rows: dict, title: str | None = None):
+    from rich.table import Table
+
     table = Table(title=title, show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
     for k, v in rows.items():
         table.add_row(str(k), str(v))
     return table
+
+
+def inline(value) -> str:
+    """A section of a config or result as one line for a table cell: "step 392, val_loss 4.571, data shards"."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {inline(v)}" for k, v in value.items() if v is not None and v != {}) or "-"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(inline(v) for v in value) if len(value) <= 8 else f"{len(value)} items"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
 
 
 def human_count(n: float) -> str:
@@ -88,7 +132,7 @@ def progress_view(quiet: bool = False):
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[count]}"),
                TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}")]
     tasks: dict[str, int] = {}
-    with Progress(*columns, console=err_console, transient=False) as bar:
+    with Progress(*columns, console=err_console.real(), transient=False) as bar:
         def listen(event: Event) -> None:
             if event.message:
                 style = "[yellow]warning:[/yellow] " if event.level == "warning" else ""

@@ -5,14 +5,14 @@ from __future__ import annotations
 import math
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand
 
 from ..quantize import QuantizeConfig, SweepConfig
-from .options import build, config_options
+from .options import Group, build, config_options, file_option, group, model_argument, out_option
 from .output import FORCE_OPTION, JSON_OPTION, console, emit, human_bytes, human_count, note, progress_view
 
 
-class _DefaultCommandGroup(TyperGroup):
+class _DefaultCommandGroup(Group):
     """`lbdl quantize MODEL ...` runs the hidden `model` command; `lbdl quantize sweep ...` the sweep."""
 
     def parse_args(self, ctx, args):
@@ -21,8 +21,20 @@ class _DefaultCommandGroup(TyperGroup):
         return super().parse_args(ctx, args)
 
 
-app = typer.Typer(
-    cls=_DefaultCommandGroup, no_args_is_help=True,
+class _ParentPath(typer.Context):
+    """The hidden command's context: usage lines and hints say `lbdl quantize MODEL`, not `lbdl quantize model`."""
+
+    @property
+    def command_path(self) -> str:
+        return self.parent.command_path if self.parent is not None else super().command_path
+
+
+class _DefaultCommand(TyperCommand):
+    context_class = _ParentPath
+
+
+app = group(
+    cls=_DefaultCommandGroup,
     help="Quantize a model: `lbdl quantize MODEL --type q4_k --out DIR` (see `lbdl quantize MODEL --help`), "
          "or compare every type: `lbdl quantize sweep MODEL --eval FILE`.",
 )
@@ -32,11 +44,11 @@ def register(root: typer.Typer) -> None:
     root.add_typer(app, name="quantize")
 
 
-@app.command("model", hidden=True)
+@app.command("model", hidden=True, cls=_DefaultCommand)
 @config_options(QuantizeConfig)
 def quantize(
-    model: str = typer.Argument(..., help="Full-precision model directory."),
-    out: str = typer.Option(..., "--out", help="Output model directory."),
+    model: str = model_argument("Full-precision model directory."),
+    out: str = out_option("Output model directory."),
     force: bool = FORCE_OPTION,
     as_json: bool = JSON_OPTION,
     **fields,
@@ -53,9 +65,10 @@ def quantize(
 @app.command("sweep")
 @config_options(SweepConfig)
 def sweep(
-    model: str = typer.Argument(..., help="Full-precision model directory."),
-    eval_file: str = typer.Option(..., "--eval", help="UTF-8 text whose perplexity each variant is scored on."),
-    out: str = typer.Option(None, "--out", help="Directory for sweep.json, sweep.md and sweep.png."),
+    model: str = model_argument("Full-precision model directory."),
+    eval_file: str = file_option("--eval", "UTF-8 text whose perplexity each variant is scored on.", "evaluation text",
+                                 required=True),
+    out: str = out_option("Directory for sweep.json, sweep.md and sweep.png.", required=False),
     force: bool = FORCE_OPTION,
     as_json: bool = JSON_OPTION,
     **fields,

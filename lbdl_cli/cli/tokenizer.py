@@ -11,10 +11,10 @@ import typer
 from tokenizer.config import DecodeConfig, EncodeConfig, InspectConfig, TokenizerConfig
 
 from ..errors import DataError
-from .options import build, config_options
+from .options import build, config_options, file_option, group, out_option
 from .output import FORCE_OPTION, JSON_OPTION, console, emit, esc, human_bytes, kv_table, progress_view
 
-app = typer.Typer(help="Train and use BPE tokenizers (sentencepiece, exact round trips).", no_args_is_help=True)
+app = group("Train and use BPE tokenizers (sentencepiece, exact round trips).")
 TOKENIZER_ARG = typer.Argument(..., metavar="DIR", help="Tokenizer or model directory, or a tokenizer.model file.")
 
 
@@ -37,7 +37,7 @@ def _read_arg(value: str, what: str) -> str:
 @config_options(TokenizerConfig)
 def train(
     files: list[str] = typer.Argument(..., metavar="FILES", help="Text files or globs (quote globs; `**` recurses)."),
-    out: str = typer.Option(..., "--out", help="Output tokenizer directory."),
+    out: str = out_option("Output tokenizer directory."),
     force: bool = FORCE_OPTION,
     as_json: bool = JSON_OPTION,
     **fields,
@@ -146,8 +146,8 @@ def decode(
 @config_options(InspectConfig)
 def inspect(
     tokenizer: str = TOKENIZER_ARG,
-    text: Optional[str] = typer.Option(None, "--text",
-                                       help="Measure compression (and check the round trip) on this text file."),
+    text: Optional[str] = file_option("--text", "Measure compression (and check the round trip) on this text file.",
+                                      "text file"),
     as_json: bool = JSON_OPTION,
     **fields,
 ):

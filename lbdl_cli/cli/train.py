@@ -10,11 +10,13 @@ from typing import Optional
 
 import typer
 
-from ..train.config import LR_FIND_STEPS, TrainConfig
-from .options import config_options, given
+from ..atomic import check_out
+from ..train.config import LrFindConfig, TrainConfig
+from .options import build, config_options, given, png_option
 from .output import JSON_OPTION, console, emit, progress_view
 
-CONFIG_OPTION = typer.Option(None, "--config", help="TOML file with any training field; flags override it.")
+CONFIG_OPTION = typer.Option(None, "--config", metavar="FILE",
+                             help="TOML file with any training field; flags override it.")
 LR_FIND_SKIP = ("out", "lr", "max_steps", "log_interval", "peak_tflops",  # lr-find sets or needs none of these
                 "max_tokens", "epochs", "init_from", "fsdp", "patience", "eval_interval", "eval_batches",
                 "overfit_batch", "schedule", "warmup", "decay", "step_every", "step_gamma", "min_lr")
@@ -22,14 +24,15 @@ LR_FIND_SKIP = ("out", "lr", "max_steps", "log_interval", "peak_tflops",  # lr-f
 
 def register(app: typer.Typer) -> None:
     app.command("train")(config_options(TrainConfig)(train))
-    app.command("lr-find")(config_options(TrainConfig, skip=LR_FIND_SKIP)(lr_find))
+    app.command("lr-find")(config_options(LrFindConfig)(config_options(TrainConfig, skip=LR_FIND_SKIP)(lr_find)))
     app.command("plot")(plot)
 
 
 def train(
     config: Optional[str] = CONFIG_OPTION,
-    resume: Optional[str] = typer.Option(None, "--resume",
-                                         help="Continue the run in this directory from its last/ checkpoint."),
+    resume: Optional[str] = typer.Option(None, "--resume", metavar="RUN",
+                                         help="Continue the run in this directory from its last/ checkpoint (or "
+                                              "from the start when it was stopped before its first)."),
     force: bool = typer.Option(False, "--force", help="Start over in an output directory that holds another run."),
     as_json: bool = JSON_OPTION,
     **fields,
@@ -61,8 +64,7 @@ def train(
 
 def lr_find(
     config: Optional[str] = CONFIG_OPTION,
-    steps: int = typer.Option(LR_FIND_STEPS, "--steps", min=1, help="Optimizer steps per learning rate."),
-    out: Optional[str] = typer.Option(None, "--out", help="Write the loss-vs-lr plot to this PNG (needs matplotlib)."),
+    png: Optional[str] = png_option("Write the loss-vs-lr plot to this PNG file"),
     as_json: bool = JSON_OPTION,
     **fields,
 ):
@@ -72,11 +74,14 @@ def lr_find(
     from ..train.lr_find import plot_lr_find
 
     cfg = resolve(config, given(TrainConfig, fields))
+    steps = build(LrFindConfig, fields).steps
+    if png:
+        check_out(png, force=True, kind="file")
     with progress_view(quiet=as_json) as listen:
         result = run_lr_find(cfg, steps=steps, progress=listen)
-    if out:
-        plot_lr_find(result, out)
-        result["plot"] = out
+    if png:
+        plot_lr_find(result, png)
+        result["plot"] = png
 
     def render():
         from rich.table import Table
@@ -86,7 +91,7 @@ def lr_find(
             mark = "diverged" if row["diverged"] else ("suggested" if row["lr"] == result["suggested_lr"] else "")
             table.add_row(f"{row['lr']:.1e}", f"{row['loss']:.4f}", mark)
         console.print(table)
-        if not out:
+        if not png:
             console.print(result["chart"])
         console.print(f"initial loss {result['initial_loss']:.4f}; suggested lr {result['suggested_lr']:.1e} "
                       f"(the largest that did not diverge)")
@@ -95,15 +100,17 @@ def lr_find(
 
 
 def plot(
-    run: str = typer.Argument(..., help="Run directory (with metrics.jsonl)."),
-    out: Optional[str] = typer.Option(None, "--out", help="Write a PNG (needs matplotlib); else draw in the terminal."),
+    run: str = typer.Argument(..., metavar="RUN", help="Run directory (with metrics.jsonl)."),
+    png: Optional[str] = png_option("Write the curves to this PNG file instead of drawing them in the terminal"),
     as_json: bool = JSON_OPTION,
 ):
     """Draw the training and validation loss curves of a run."""
     from ..train.plot import load_curves, plot_png, terminal_chart
 
+    if png:
+        check_out(png, force=True, kind="file")
     curves = load_curves(run)
-    if out:
-        plot_png(curves, out)
-    emit({"run": run, "out": out, **curves}, as_json,
-         lambda: console.print(f"wrote {out}") if out else console.print(terminal_chart(curves)))
+    if png:
+        plot_png(curves, png)
+    emit({"run": run, "png": png, **curves}, as_json,
+         lambda: console.print(f"wrote {png}") if png else console.print(terminal_chart(curves)))

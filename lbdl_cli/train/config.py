@@ -24,12 +24,13 @@ class TrainConfig(Config):
     RENAMED = {"dtype": "compute_dtype"}
     # what to train on and where
     data: str | None = setting(None, "Token shards made by `lbdl data prepare` (their tokenizer.model goes into the "
-                                     "model).")
+                                     "model).", metavar="DIR")
     out: str | None = setting(None, "Run directory: best/ and last/ model directories, metrics.jsonl, "
-                                    "train_config.json.")
+                                    "train_config.json.", metavar="DIR")
     preset: str | None = setting(None, "Model shape to pretrain (see `lbdl presets`); the vocabulary comes from the "
-                                       "data.")
-    init_from: str | None = setting(None, "Fine-tune every weight of this model directory instead (same tokenizer).")
+                                       "data.", metavar="PRESET")
+    init_from: str | None = setting(None, "Fine-tune every weight of this model directory instead (same tokenizer).",
+                                 metavar="MODEL")
     # length: max_steps wins, then max_tokens, then epochs
     max_steps: int | None = setting(None, "Optimizer steps to run (none: from --max-tokens or --epochs; "
                                           f"{OVERFIT_STEPS} with --overfit-batch).", low=1)
@@ -96,6 +97,13 @@ class TrainConfig(Config):
     @property
     def floor_lr(self) -> float:
         return self.base_lr / 10 if self.min_lr is None else self.min_lr
+
+
+@dataclass(frozen=True)
+class LrFindConfig(Config):
+    """`lbdl lr-find`: the range test's own settings (the model, data and batch are a TrainConfig's)."""
+
+    steps: int = setting(LR_FIND_STEPS, "Optimizer steps per learning rate.", low=1, high=10_000)
 
 
 def resolve(file: str | None, flags: dict) -> TrainConfig:
