@@ -60,6 +60,19 @@ def run_cli(*args, **kwargs):
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
 
+def metrics_of(run: Path, timing: bool = False) -> list[dict]:
+    """The records of a run's metrics.jsonl, without the timings (tokens/s, MFU) unless asked."""
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return records if timing else [{k: v for k, v in m.items() if k not in ("tokens_per_s", "mfu")} for m in records]
+
+
+def dead_pid() -> int:
+    """The id of a process that has ended."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
 # --- schedule, optimizer groups, batches ---------------------------------------------
 
 
@@ -197,13 +210,66 @@ def test_resume_after_sigkill_is_bit_identical(shards, tmp_path, dtype):
     resumed = run_cli("train", "--resume", tmp_path / "run")
     assert resumed.wait() == 0, resumed.stderr.read()
     assert_same_weights(tmp_path / "ref" / "last", tmp_path / "run" / "last")
-    ref_metrics = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
-    run_metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics_of(tmp_path / "ref") == metrics_of(tmp_path / "run")
 
-    def strip(ms):
-        return [{k: v for k, v in m.items() if k not in ("tokens_per_s", "mfu")} for m in ms]
 
-    assert strip(ref_metrics) == strip(run_metrics)
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0_bit_identically(shards, tmp_path, cli):
+    args = ["train", "--data", shards, "--preset", "nano", "--batch-size", 4, "--context", 32, "--max-steps", 100,
+            "--eval-interval", 1000, "--eval-batches", 2, "--dropout", 0.1, "--compute-dtype", "float32",
+            "--peak-tflops", 1, "--log-interval", 1]
+    reference = run_cli(*args, "--out", tmp_path / "ref")
+    assert reference.wait() == 0, reference.stderr.read()
+    run = tmp_path / "run"
+    victim = run_cli(*args, "--out", run)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not (run / "metrics.jsonl").exists()
+                                      or (run / "metrics.jsonl").read_text().count("\n") < 5):
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not os.path.lexists(run / "last") and len(metrics_of(run)) >= 5  # killed mid-run, no checkpoint yet
+    r = cli("train", *args[1:], "--out", run)  # the advice given is the command that works
+    assert r.code == 2 and f"pass --resume {run} to continue it" in r.err
+    resumed = run_cli("train", "--resume", run, "--json")
+    assert resumed.wait() == 0, resumed.stderr.read()
+    assert_same_weights(tmp_path / "ref" / "last", run / "last")
+    assert metrics_of(tmp_path / "ref") == metrics_of(run)
+    assert json.loads(resumed.stdout.read().splitlines()[-1])["resume_loss"] is None  # it started over
+
+
+def test_stale_temporaries_go_and_a_half_replaced_checkpoint_comes_back(shards, tmp_path):
+    run = tmp_path / "run"
+    cfg = TrainConfig(data=str(shards), out=str(run), max_steps=5, **SMALL)
+    train(cfg)
+    dead, live = dead_pid(), os.getppid()  # the test's own pid would be the writer's: its temporaries are its own
+    stale = [run / f".last.tmp-{dead}", run / f".metrics.jsonl.tmp-{dead}", run / "ckpt" / f".step-0000010.tmp-{dead}",
+             run / "ckpt" / f".step-0000003.tmp-{dead}", tmp_path / f".run.old-{dead}"]
+    kept = [run / f".last.tmp-{live}", run / "ckpt" / f".step-0000010.tmp-{live}"]
+    for path in stale + kept:
+        path.mkdir()
+    (run / f".best.tmp-{dead}").symlink_to("ckpt/step-0000005")  # a link made but not yet put in place
+    # a kill between atomic_dir's two renames, while step 5 was written again: `last` points at nothing
+    (run / "ckpt" / "step-0000005").rename(run / "ckpt" / f".step-0000005.old-{dead}")
+    result = train(cfg.replace(max_steps=10), resume=True)
+    assert result["steps"] == 10
+    assert not any(os.path.lexists(p) for p in stale + [run / f".best.tmp-{dead}"])
+    assert all(p.is_dir() for p in kept)
+    assert sorted(p.name for p in (run / "ckpt").iterdir()) == [f".step-0000010.tmp-{live}", "step-0000010"]
+    assert [m["step"] for m in metrics_of(run) if "loss" in m] == list(range(1, 11))
+
+
+def test_a_resumed_run_reports_its_own_initial_loss(shards, tmp_path):
+    events = []
+    cfg = TrainConfig(data=str(shards), out=str(tmp_path / "run"), max_steps=5, lr=3e-3, **SMALL)
+    first = train(cfg, collect(events))
+    assert first["initial_loss"] == events[0].data["initial_loss"] and first["resume_loss"] is None
+    trainer_state = json.loads(((tmp_path / "run" / "last").resolve() / "trainer_state.json").read_text())
+    assert trainer_state["initial_loss"] == first["initial_loss"]
+    events = []
+    resumed = train(cfg.replace(max_steps=8), collect(events), resume=True)
+    assert resumed["initial_loss"] == first["initial_loss"] == events[0].data["initial_loss"]
+    assert resumed["resume_loss"] == events[0].data["resume_loss"] < first["initial_loss"] - 0.1  # it had learnt
+    assert "resumed at step 5: loss" in events[0].message
 
 
 def test_ctrl_c_checkpoints_exits_130_and_resumes(shards, tmp_path):
@@ -381,9 +447,68 @@ def test_an_error_after_the_distributed_setup_tears_it_down(shards, tmp_path, mo
     assert calls == [("setup", "cpu"), ("teardown", "cpu")]
 
 
-def test_resume_of_a_non_run_is_refused(tmp_path):
+def test_resume_of_a_non_run_is_refused(tmp_path, cli):
     with pytest.raises(ConfigError, match="not a run directory"):
         resume_config(tmp_path, {})
+    (tmp_path / "notes.txt").write_text("mine")
+    r = cli("train", "--resume", tmp_path)
+    assert r.code == 2 and r.err.count("\n") == 1 and f"{tmp_path} is not a run directory" in r.err
+
+
+def test_out_is_checked_before_any_work(shards, tmp_path, cli):
+    args = ["train", "--data", shards, "--preset", "nano", "--max-steps", 1, "--force"]
+    (tmp_path / "file").write_text("x")
+    model = tmp_path / "model"
+    model.mkdir()
+    data = {p.name: p.stat().st_mtime_ns for p in shards.iterdir()}
+    for out, why in [(shards, "is the input"), (shards / "sub", "is inside the input"),
+                     (shards.parent, "contains the input"), ("/proc/lbdl-run", "cannot write directory /proc/lbdl-run"),
+                     (tmp_path / "file" / "run", "is a file, not a directory"),
+                     (tmp_path / "file", "is a file, not a directory")]:
+        r = cli(*args, "--out", out)
+        assert r.code == 2 and r.err.count("\n") == 1 and str(out) in r.err and why in r.err, (out, r.err)
+    r = cli("train", "--data", shards, "--init-from", model, "--out", model / "ft", "--force")
+    assert r.code == 2 and f"output {model / 'ft'} is inside the input {model}" in r.err
+    assert {p.name: p.stat().st_mtime_ns for p in shards.iterdir()} == data
+    assert (tmp_path / "file").read_text() == "x"
+    # a directory of other files is not a run: only --force or another path, never --resume
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    r = cli(*args[:-1], "--out", tmp_path / "mine")
+    assert r.code == 2 and "pass --force to replace them or choose another --out" in r.err and "--resume" not in r.err
+
+
+def test_broken_run_files_exit_2_naming_the_file_and_line(shards, tmp_path, cli):
+    run = tmp_path / "run"
+    train(TrainConfig(data=str(shards), out=str(run), max_steps=5, **SMALL))
+    metrics = (run / "metrics.jsonl").read_text()
+    # a last line cut short by a kill (no newline) is left out, by `lbdl plot` and by a resume
+    (run / "metrics.jsonl").write_text(metrics + '{"step": 6, "lo')
+    r = cli("plot", run, "--json")
+    assert r.code == 0 and [s for s, _ in r.json()["train"]] == [1, 2, 3, 4, 5]
+    plot, resume = ["plot", run], ["train", "--resume", run]
+    for text, line, why, commands in [
+            (metrics + "garbage\n", metrics.count("\n") + 1, "not valid JSON", (plot, resume)),
+            ('{"loss": 2.0}\n', 1, 'expected an integer "step"', (plot, resume)),
+            ('{"step": 1, "loss": "high"}\n', 1, "expected a number for 'loss'", (plot,))]:  # resume reads steps only
+        (run / "metrics.jsonl").write_text(text)
+        for args in commands:
+            r = cli(*args)
+            assert r.code == 2 and r.err.count("\n") == 1 and f"{run / 'metrics.jsonl'}:{line}: {why}" in r.err, \
+                (args, r.err)
+    (run / "metrics.jsonl").write_text(metrics)
+    state = (run / "last").resolve() / "trainer_state.json"
+    good = state.read_text()
+    state.write_text(good[:40])
+    r = cli("train", "--resume", run)
+    assert r.code == 2 and r.err.count("\n") == 1 and f"trainer state {state} is not valid JSON (line " in r.err
+    state.write_text('{"step": 5}')
+    r = cli("train", "--resume", run)
+    assert r.code == 2 and f"trainer state {state} lacks best_val" in r.err
+    state.write_text(good)
+    (run / "train_config.json").write_text('{"max_steps": 6,\n  oops}')
+    r = cli("train", "--resume", run)
+    assert r.code == 2 and r.err.count("\n") == 1 and f"{run / 'train_config.json'} is not valid JSON (line 2" in r.err
 
 
 # --- scale out ------------------------------------------------------------------------
@@ -430,6 +555,21 @@ def test_lr_find_suggests_the_largest_stable_lr(shards):
     assert rows[3e-3]["loss"] < rows[1e-4]["loss"] < result["initial_loss"]
     assert result["suggested_lr"] == 3e-3
     assert "lr:" in result["chart"]
+
+
+def test_lr_find_refuses_no_steps_and_writes_its_png_atomically(tmp_path):
+    from lbdl_cli.train.lr_find import lr_find, plot_lr_find
+
+    for steps in (0, -1):
+        with pytest.raises(ConfigError, match=f"steps must be a whole number >= 1, got {steps}"):
+            lr_find(TrainConfig(), steps=steps)
+    pytest.importorskip("matplotlib")
+    result = {"rows": [{"lr": 1e-3, "loss": 5.0}, {"lr": 1e-2, "loss": 4.0}], "initial_loss": 6.0,
+              "suggested_lr": 1e-2, "steps": 3}
+    (tmp_path / "lr.png").write_text("old")
+    plot_lr_find(result, str(tmp_path / "lr.png"))
+    assert (tmp_path / "lr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["lr.png"]
 
 
 def test_plot_terminal_chart(shards, tmp_path, cli):

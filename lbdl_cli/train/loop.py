@@ -15,9 +15,7 @@ step's record (as in metrics.jsonl) as data; warnings with level "warning".
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -25,9 +23,8 @@ from typing import Callable
 
 import torch
 
-from ..checkpoint import write_json
 from ..errors import ConfigError, RunFailed
-from ..files import read_text
+from ..files import read_json
 from ..model import flops_per_token
 from ..progress import Progress, report
 from . import distributed, state
@@ -130,7 +127,7 @@ class Trainer:
         self.device = dist.device
         self.amp = autocast_dtype(cfg.compute_dtype, self.device)
         self.run = Path(cfg.out) if cfg.out else None  # lr-find trains without a run directory
-        self.replace_run = self.run is not None and state.check_run_dir(self.run, resume, force)
+        self.replace_run = self.run is not None and state.check_run_dir(self.run, resume, force, inputs(cfg))
         self.model, self.sampler, self.val, self.context = parts.model, parts.sampler, parts.val, parts.context
         self.samples_per_step = cfg.batch_size * cfg.grad_accum * dist.world
         if self.samples_per_step > parts.n_samples:
@@ -148,6 +145,9 @@ class Trainer:
             self.net = torch.compile(self.net)
         self.step, self.tokens_seen, self.best_val, self.best_step, self.bad_evals = 0, 0, math.inf, None, 0
         self.last_val, self.rate, self.shown = None, None, None  # last: validation loss, (tokens/s, MFU), (loss, lr)
+        # the loss at step 0 (from the checkpoint after a resume; None in one written before it was recorded),
+        # and at the resumed step; restored: a checkpoint was loaded
+        self.initial, self.resume_loss, self.restored = None, None, False
         self.rng_after = self._rng()
 
     def _total_steps(self) -> int:
@@ -190,41 +190,61 @@ class Trainer:
         return self.finish(stop_reason, loss)
 
     def start(self) -> None:
-        """Restore the last checkpoint (--resume) or begin a fresh run directory; write train_config.json;
-        measure the first loss; report the summary."""
+        """Restore the last checkpoint (--resume) or begin a fresh run directory; write train_config.json (from
+        then on the run can be resumed); measure the first loss; report the summary."""
         cfg, d = self.cfg, self.dist
         if self.run is None:
             raise ConfigError("give --out RUN, the run directory to write")
         if self.resume:
             self.restore()
         elif d.main and self.replace_run:
-            shutil.rmtree(self.run)
+            state.clear_run(self.run)
         if d.main:  # on resume too: flags given then (a longer --max-steps, say) are part of the run now
             self.run.mkdir(parents=True, exist_ok=True)
-            write_json(self.run / state.TRAIN_CONFIG, cfg.to_dict())
+            state.remove_stale_temps(self.run)
+            state.write_config(self.run, cfg.to_dict())
         d.barrier()
         self.peak = cfg.peak_tflops if cfg.peak_tflops is not None else measure_peak_tflops(self.device, self.amp)
         self.flops = flops_per_token(self.model.config, self.context, training=True)
         self.baseline = self.parts.baseline() if self.parts.baseline else None
-        self.initial = self.first_loss()
+        if self.restored:
+            self.resume_loss = self.first_loss()
+        else:
+            self.initial = self.first_loss()
         ln_v = math.log(self.model.config.vocab_size)
         info = dict(total_steps=self.total_steps, start_step=self.step, params=self.model.num_params(),
                     tokens_per_step=self.tokens_per_step, initial_loss=self.initial, ln_vocab=ln_v,
                     unigram_loss=self.baseline, peak_tflops=self.peak, world=d.world, device=self.device,
                     dtype="bfloat16" if self.amp else "float32", context=self.context)
         baseline = "" if self.baseline is None else f"; unigram baseline val loss {self.baseline:.3f}"
+        initial = "unknown" if self.initial is None else f"{self.initial:.3f}"
+        if self.restored:
+            info["resume_loss"] = self.resume_loss
+            losses = f"resumed at step {self.step}: loss {self.resume_loss:.3f} (initial {initial}, ln V = {ln_v:.3f})"
+        else:
+            losses = f"initial loss {initial} (ln V = {ln_v:.3f})"
         self._report(message=f"{info['params'] / 1e6:.2f}M parameters, {self.tokens_per_step:,} tokens/step, "
                              f"context {self.context}, {self.device} {info['dtype']}, {d.world} process(es); "
-                             f"peak {self.peak:.2f} TFLOP/s per process\n"
-                             f"initial loss {self.initial:.3f} (ln V = {ln_v:.3f}){baseline}", data=info)
-        if self.parts.fresh and not self.resume and abs(self.initial - ln_v) > 0.5:
+                             f"peak {self.peak:.2f} TFLOP/s per process\n{losses}{baseline}", data=info)
+        if self.parts.fresh and not self.restored and abs(self.initial - ln_v) > 0.5:
             self._report(message=f"initial loss {self.initial:.3f} is more than 0.5 from ln(V) = {ln_v:.3f}: "
                                  f"check the initialisation and the data", level="warning")
         self._t_last, self._tokens_last = time.perf_counter(), self.tokens_seen
 
     def restore(self) -> None:
-        """The trainable state, the optimizer, the bookkeeping and the RNG of the run's last checkpoint."""
+        """The trainable state, the optimizer, the bookkeeping and the RNG of the run's last checkpoint; or, when
+        the run stopped before its first one, nothing: it starts again from step 0 (the same seed, the same model
+        and batches) with its metrics emptied."""
+        if self.dist.main:
+            state.last_checkpoint(self.run)  # puts back a checkpoint that a kill left half-replaced
+        self.dist.barrier()
+        if state.last_checkpoint(self.run) is None:
+            if self.dist.main:
+                state.truncate_metrics(self.run, 0)
+            return
         trainer, rng = self.parts.checkpoints.load(self.run, self.model, self.optimizer)
+        self.restored = True
+        self.initial = trainer.get("initial_loss")
         self.step = trainer["step"]
         self.best_val = trainer["best_val"] if trainer["best_val"] is not None else math.inf
         self.best_step, self.bad_evals = trainer["best_step"], trainer["bad_evals"]
@@ -305,19 +325,22 @@ class Trainer:
         """Save the trainable state, the optimizer, the bookkeeping and the RNG after this step (a collective
         under FSDP: every rank gathers, rank 0 writes)."""
         trainer = {"best_val": self.best_val if math.isfinite(self.best_val) else None, "best_step": self.best_step,
-                   "bad_evals": self.bad_evals, "tokens_seen": self.tokens_seen, "total_steps": self.total_steps}
+                   "bad_evals": self.bad_evals, "tokens_seen": self.tokens_seen, "total_steps": self.total_steps,
+                   "initial_loss": self.initial}
         self.parts.checkpoints.save(self.run, self.step, self.model, self.optimizer, trainer, self.rng_after,
                                     {"step": self.step, "val_loss": self.last_val}, best, write=self.dist.main)
         self.dist.barrier()
 
     def finish(self, stop_reason: str, loss: float) -> dict:
-        """The run's result."""
+        """The run's result: initial_loss is the run's loss at step 0, resume_loss the loss where this process
+        resumed it (None when it did not)."""
         result = dict(run=str(self.run), steps=self.step, stop_reason=stop_reason, best_val_loss=self.best_val,
                       best_step=self.best_step, last_val_loss=self.last_val, unigram_loss=self.baseline,
-                      initial_loss=self.initial, final_loss=loss, tokens=self.tokens_seen,
-                      params=self.model.num_params())
+                      initial_loss=self.initial, resume_loss=self.resume_loss, final_loss=loss,
+                      tokens=self.tokens_seen, params=self.model.num_params())
         if self.cfg.overfit_batch:  # the bug check: a sound model and loop drive one batch's loss towards 0
-            result["overfit_passed"] = loss < 0.1 * self.initial
+            start = self.initial if self.initial is not None else self.resume_loss
+            result["overfit_passed"] = loss < 0.1 * start
         return result
 
     # --- pieces of the phases -------------------------------------------------------
@@ -375,20 +398,27 @@ class Trainer:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
 
 
+def inputs(cfg: TrainConfig) -> tuple:
+    """What a run reads, which its directory may not be, be inside or contain."""
+    return cfg.data, cfg.init_from
+
+
 def train(cfg: TrainConfig, progress: Progress | None = None, resume: bool = False, force: bool = False,
           parts: Callable[[TrainConfig, Dist], Parts] = pretraining_parts) -> dict:
     """Run a training job: `parts(cfg, dist)` builds what is trained (pretraining's by default). The distributed
     set-up is torn down however the job ends."""
     with distributed.session(cfg.device) as dist:
+        if cfg.out:  # before the data and the model load: a bad --out fails at once (the Trainer checks it again)
+            state.check_run_dir(Path(cfg.out), resume, force, inputs(cfg))
         return Trainer(cfg, parts(cfg, dist), dist, progress, resume=resume, force=force).fit()
 
 
 def resume_config(run: str | Path, overrides: dict) -> TrainConfig:
     """The saved config of a run, with the flags given now applied on top."""
     path = Path(run) / state.TRAIN_CONFIG
-    if not path.is_file():
+    if not state.is_run(Path(run)):
         raise ConfigError(f"{run} is not a run directory (no {state.TRAIN_CONFIG}); nothing to resume")
-    values = TrainConfig.upgrade(json.loads(read_text(path)), str(path))
+    values = TrainConfig.upgrade(read_json(path, "run config", error=ConfigError), str(path))
     values.update(overrides)
     values["out"] = str(run)
     return TrainConfig.from_dict(values, where=f"{path}")

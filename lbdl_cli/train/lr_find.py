@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import math
 
+from ..errors import ConfigError
 from ..progress import Progress, report
 from . import distributed
 from .config import LR_FIND_STEPS, TrainConfig
 from .loop import Trainer
-from .plot import _pyplot, text_chart
+from .plot import _pyplot, save_png, text_chart
 from .pretrain import pretraining_parts
 
 GRID = [10 ** (-5 + k / 2) for k in range(11)]  # 1e-5, 3.2e-5, ..., 1
@@ -24,7 +25,11 @@ def lr_find(cfg: TrainConfig, steps: int = LR_FIND_STEPS, lrs: list[float] | Non
     An lr diverged when its loss is not finite or ends above the initial loss.
     Stops after the second diverged lr in a row (larger ones only get worse).
     """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"lr-find: steps must be a whole number >= 1, got {steps!r}")
     lrs = lrs or GRID
+    if not all(isinstance(lr, (int, float)) and 0 < lr < math.inf for lr in lrs):
+        raise ConfigError(f"lr-find: every learning rate must be a positive number, got {lrs}")
     rows, initial, streak = [], None, 0
     with distributed.session(cfg.device) as dist:
         for i, lr in enumerate(lrs):
@@ -63,5 +68,7 @@ def plot_lr_find(result: dict, out: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    try:
+        save_png(fig, out)
+    finally:
+        plt.close(fig)

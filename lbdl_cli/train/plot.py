@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
-import json
 import math
+import os
 from pathlib import Path
 
+from ..atomic import atomic_file
 from ..errors import ConfigError, DataError
-from ..files import read_text
-from .state import METRICS
+from .state import METRICS, read_metrics
 
 
 def load_curves(run: str | Path) -> dict:
+    """{"train": [(step, loss)...], "val": [(step, val_loss)...]} of a run's metrics.jsonl; errors name the file
+    and line."""
     path = Path(run) / METRICS
     if not path.is_file():
         raise DataError(f"{run} has no {METRICS}; give a run directory written by `lbdl train`")
     train, val = [], []
-    for line in read_text(path).splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            train.append((record["step"], record["loss"]))
-        if "val_loss" in record:
-            val.append((record["step"], record["val_loss"]))
+    for number, record in read_metrics(path):
+        for key, points in (("loss", train), ("val_loss", val)):
+            if key in record:
+                value = record[key]
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise DataError(f"metrics file {path}:{number}: expected a number for {key!r}, got {value!r}; "
+                                    f"fix or remove the line")
+                points.append((record["step"], value))
     if not train and not val:
         raise DataError(f"{path} holds no logged steps yet")
     return {"train": train, "val": val}
@@ -73,7 +77,14 @@ def _pyplot():
     return plt
 
 
-def plot_png(curves: dict, out: str) -> None:
+def save_png(fig, out: str | os.PathLike, inputs=()) -> None:
+    """Write a matplotlib figure to the PNG `out` atomically (never over one of `inputs`)."""
+    with atomic_file(out, force=True, inputs=inputs) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def plot_png(curves: dict, out: str, inputs=()) -> None:
+    """The loss curves as a PNG; `inputs` (the metrics file) are never written over."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for name, points in (("train", curves["train"]), ("validation", curves["val"])):
@@ -84,5 +95,7 @@ def plot_png(curves: dict, out: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    try:
+        save_png(fig, out, inputs)
+    finally:
+        plt.close(fig)
