@@ -42,6 +42,10 @@ def setting(default, help: str, *, low=None, high=None, low_open: bool = False, 
     return dataclasses.field(default=default, metadata=meta)
 
 
+MAX_SEED = 2**63 - 1  # what torch.manual_seed takes
+MAX_TOKENS = 1 << 20  # a context or a generation length: past this, memory runs out before anything useful happens
+MAX_VOCAB = 1 << 20  # the largest real vocabularies are ~256K
+
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")  # float16 is refused on CPU (hundreds of times slower there)
 
 
@@ -211,9 +215,14 @@ def _check_one(where: str, key: str, v, meta) -> None:
     too_high = high is not None and v > high
     if too_low or too_high:
         left = "(" if meta.get("low_open") else "["
-        lo = "-inf" if low is None else f"{low:g}"
-        hi = "inf" if high is None else f"{high:g}"
-        raise ConfigError(f"{where}: {key} must be in {left}{lo}, {hi}], got {v:g}")
+        lo = "-inf" if low is None else _number(low)
+        hi = "inf" if high is None else _number(high)
+        raise ConfigError(f"{where}: {key} must be in {left}{lo}, {hi}], got {_number(v)}")
+
+
+def _number(v) -> str:
+    """1048576 as 1048576 (not 1.04858e+06), 0.001 as 0.001."""
+    return str(int(v)) if float(v).is_integer() and abs(v) < 1e15 else f"{v:g}"
 
 
 def _drop_none(d):

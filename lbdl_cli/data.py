@@ -26,7 +26,7 @@ from typing import Iterable, Iterator
 from tokenizer.config import INVALID_UTF8_CHOICES, TOKENIZER_FILE
 
 from .atomic import atomic_dir, check_out
-from .config import Config, setting
+from .config import MAX_SEED, Config, setting
 from .errors import DataError
 from .progress import Progress, report
 
@@ -44,12 +44,12 @@ class PrepareConfig(Config):
     """How to cut and split a corpus. `lbdl data prepare` takes its flags and defaults from here."""
 
     val_fraction: float = setting(0.1, "Share of documents drawn (seeded) for val.bin.", low=0, high=0.5)
-    seed: int = setting(1337, "Seed of the train/val draw.")
+    seed: int = setting(1337, "Seed of the train/val draw.", low=0, high=MAX_SEED)
     split_on: str = setting("paragraph", "What one document is: paragraph (ends at blank lines) | line | file.",
                             choices=SPLIT_CHOICES)
     invalid_utf8: str = setting("error", "What to do with invalid UTF-8: error | replace (U+FFFD) | skip (drop the "
                                          "line).", choices=INVALID_UTF8_CHOICES)
-    num_threads: int = setting(0, "sentencepiece threads; 0 = every core.", low=0)
+    num_threads: int = setting(0, "sentencepiece threads; 0 = every core.", low=0, high=1024)
 
 
 def token_dtype(vocab_size: int) -> str:

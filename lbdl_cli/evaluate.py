@@ -29,7 +29,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from .config import Config, device_setting, dtype_setting, setting
+from .config import MAX_TOKENS, Config, device_setting, dtype_setting, setting
 from .errors import ConfigError, DataError
 from .files import read_text
 from .progress import Progress, report
@@ -51,10 +51,12 @@ class PerplexityConfig(Config):
     """`lbdl eval perplexity`: the windows and how the model runs."""
 
     RENAMED = {"ctx": "context", "dtype": "compute_dtype"}
-    context: int | None = setting(None, "Window length in tokens (default: the model's context).", low=4)
+    context: int | None = setting(None, "Window length in tokens (default: the model's context).", low=4,
+                                  high=MAX_TOKENS)
     stride: int | None = setting(None, "Sliding windows every S tokens, each scoring its new tokens (default: "
-                                       "llama.cpp's non-overlapping windows, second half scored).", low=1)
-    batch_size: int = setting(8, "Windows per forward pass.", low=1)
+                                       "llama.cpp's non-overlapping windows, second half scored).", low=1,
+                                 high=MAX_TOKENS)
+    batch_size: int = setting(8, "Windows per forward pass.", low=1, high=1 << 16)
     compute_dtype: str = dtype_setting()
     device: str = device_setting()
 
@@ -75,10 +77,10 @@ class TaskConfig(Config):
                                    "choices, number if the answer is one, else exact).", choices=EXTRACT_METHODS)
     pattern: str | None = setting(None, "Regular expression for --extract regex (group 1 is the answer).",
                                   metavar="REGEX")
-    max_new_tokens: int = setting(32, "Tokens per completion at most.", low=1)
+    max_new_tokens: int = setting(32, "Tokens per completion at most.", low=1, high=MAX_TOKENS)
     stop: tuple[str, ...] = setting(("\\n",), "Stop strings, as typed on a command line (\\n is a line break).")
     batch_size: int = setting(8, "Prompts per generate() call.", low=1)
-    show: int = setting(0, "Print the first N records with their completions.", low=0)
+    show: int = setting(0, "Print the first N records with their completions.", low=0, high=1 << 30)
     compute_dtype: str = dtype_setting()
     device: str = device_setting()
 

@@ -38,7 +38,7 @@ from tokenizer.config import TOKENIZER_FILE
 
 from .atomic import atomic_dir, check_out
 from .checkpoint.configs import CONFIG_FILE, WEIGHTS_FILE
-from .config import Config, dtype_setting, setting
+from .config import MAX_TOKENS, Config, dtype_setting, setting
 from .errors import ConfigError, DataError
 from .evaluate import perplexity, scoring_inputs, windows
 from .files import read_text
@@ -87,7 +87,8 @@ class QuantizeConfig(Config):
                           "; ".join(f"{k}: {v}" for k, v in RECIPES.items()) + ".", choices=tuple(RECIPES))
     embeddings: str = setting(DEFAULT_EMBEDDINGS, _EMBEDDINGS_HELP, choices=EMBEDDING_CHOICES + _TYPES)
     calibrate: str | None = setting(None, _CALIBRATE_HELP, metavar="FILE")
-    context: int | None = setting(None, "Calibration window in tokens (default: the model's context).", low=1)
+    context: int | None = setting(None, "Calibration window in tokens (default: the model's context).", low=1,
+                                  high=MAX_TOKENS)
 
     def __post_init__(self):
         if self.type is None:
@@ -112,7 +113,7 @@ class SweepConfig(Config):
     calibrate: str | None = setting(None, "Text file: also quantize each type with importance weights and report "
                                           "the share of the perplexity increase they remove.", metavar="FILE")
     context: int | None = setting(None, "Evaluation window in tokens (default: the model's context).", low=4)
-    batch_size: int = setting(8, "Windows per forward pass.", low=1)
+    batch_size: int = setting(8, "Windows per forward pass.", low=1, high=1 << 16)
     compute_dtype: str = dtype_setting("Precision of the reference and of every variant's unquantized parts: "
                                        "auto (as stored) | float32 | bfloat16.")
 
@@ -129,12 +130,10 @@ class SweepConfig(Config):
 
 def read_calibration_ids(model_dir: str | os.PathLike, path: str | os.PathLike, ctx: int) -> list[int]:
     """The token ids of a calibration text, encoded with the model directory's tokenizer."""
-    from tokenizer import Tokenizer
+    from .checkpoint import model_tokenizer
 
     text = read_text(path, "calibration file")
-    if not (Path(model_dir) / TOKENIZER_FILE).is_file():
-        raise DataError(f"{model_dir} has no {TOKENIZER_FILE}, so calibration text cannot be encoded")
-    ids = Tokenizer.load(model_dir).encode(text)
+    ids = model_tokenizer(model_dir).encode(text)
     if len(ids) < ctx:
         raise DataError(f"calibration text {path} has {len(ids)} tokens, fewer than one window of {ctx}; "
                         f"use a longer text or a smaller --context")
@@ -311,9 +310,8 @@ def run_sweep(model: str | os.PathLike, eval_file: str | os.PathLike, cfg: Sweep
     from quant.formats import FORMATS
     from quant.linear import quantize_model
     from quant.recipe import summarize
-    from tokenizer import Tokenizer
 
-    from .checkpoint import load_model, read_config
+    from .checkpoint import load_model, model_tokenizer, read_config
 
     cfg = cfg or SweepConfig()
     types = list(cfg.types or TYPES)
@@ -321,9 +319,10 @@ def run_sweep(model: str | os.PathLike, eval_file: str | os.PathLike, cfg: Sweep
     if out is not None:
         check_out(out, force, inputs=(model, eval_file))
         _need_matplotlib()
-    refuse_quantized(read_config(model), model)
+    config = read_config(model)
+    refuse_quantized(config, model)
     text = read_text(eval_file)
-    ids, byte_args = scoring_inputs(Tokenizer.load(model), text)
+    ids, byte_args = scoring_inputs(model_tokenizer(model, config), text)
     base, _ = load_model(model, dtype=cfg.compute_dtype)
     ctx = cfg.context or base.config.block_size
 

@@ -1,9 +1,10 @@
 import json
 import os
+import shutil
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import ROOT, tiny_model
 from safetensors.torch import save_file
 
 import lbdl_cli.checkpoint as ckpt
@@ -221,16 +222,46 @@ def test_default_model_dir_is_clear_when_absent(monkeypatch, tmp_path):
         default_model_dir()
 
 
-def test_convert_dtype_keeps_tokenizer_and_sections(tmp_path, cli):
-    model = tiny_model()
-    save_model(model, tmp_path / "m", sections={"source": {"preset": "x"}})
-    (tmp_path / "m" / "tokenizer.model").write_bytes(b"tok")
+def test_convert_dtype_keeps_tokenizer_and_sections(tmp_path, cli, tok_dir):
+    model = tiny_model(vocab_size=400)
+    save_model(model, tmp_path / "m", sections={"source": {"preset": "x"}}, tokenizer=tok_dir / "tokenizer.model")
     r = cli("convert", tmp_path / "m", "--weights-dtype", "bfloat16", "--out", tmp_path / "bf16", "--json")
     assert r.code == 0 and r.json()["dtype"] == "bfloat16"
     loaded, config = load_model(tmp_path / "bf16")
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
-    assert config["source"] == {"preset": "x"} and (tmp_path / "bf16" / "tokenizer.model").read_bytes() == b"tok"
+    assert config["source"] == {"preset": "x"} and config["tokenizer"] == json.loads(
+        (tmp_path / "m" / "config.json").read_text())["tokenizer"]
+    assert (tmp_path / "bf16" / "tokenizer.model").read_bytes() == (tok_dir / "tokenizer.model").read_bytes()
     assert torch.equal(loaded.tok_emb.weight, model.tok_emb.weight.to(torch.bfloat16))
     assert model_info(tmp_path / "bf16")["size_bytes"] < 0.6 * model_info(tmp_path / "m")["size_bytes"]
     r = cli("convert", tmp_path / "m", "--weights-dtype", "float16", "--out", tmp_path / "f16")
     assert r.code == 2 and "dtype must be one of float32, bfloat16" in r.err and not (tmp_path / "f16").exists()
+
+
+def test_a_model_directory_keeps_its_own_tokenizer(tok_dir, tmp_path, cli):
+    """The tokenizer beside a model must be the model's: its vocabulary size, and the sha256 recorded at save."""
+    from lbdl_cli.checkpoint import model_tokenizer
+    from tokenizer import train as train_tokenizer
+
+    with pytest.raises(CheckpointError, match="has 400 tokens but the model's vocabulary has 97"):
+        save_model(tiny_model(), tmp_path / "wrong", tokenizer=tok_dir / "tokenizer.model")
+    assert not (tmp_path / "wrong").exists()
+    save_model(tiny_model(vocab_size=400), tmp_path / "m", tokenizer=tok_dir / "tokenizer.model")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["tokenizer"]["vocab_size"] == 400 and len(config["tokenizer"]["sha256"]) == 64
+    assert model_tokenizer(tmp_path / "m").vocab_size == 400
+    # another tokenizer of the same size dropped in: caught by the recorded sha256
+    (tmp_path / "t.txt").write_text((ROOT / "data" / "tinyshakespeare-val.txt").read_text()[:60_000])
+    other = train_tokenizer([tmp_path / "t.txt"], vocab_size=400, out=tmp_path / "other")
+    assert other.sha256 != model_tokenizer(tmp_path / "m").sha256
+    shutil.copyfile(tmp_path / "other" / "tokenizer.model", tmp_path / "m" / "tokenizer.model")
+    with pytest.raises(CheckpointError, match="is not the tokenizer .* was saved with"):
+        model_tokenizer(tmp_path / "m")
+    # a smaller tokenizer in a directory without a recorded hash: caught by the vocabulary size
+    del config["tokenizer"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    small = train_tokenizer([tmp_path / "t.txt"], vocab_size=340, out=tmp_path / "small")
+    shutil.copyfile(tmp_path / "small" / "tokenizer.model", tmp_path / "m" / "tokenizer.model")
+    r = cli("generate", tmp_path / "m", "To be", "-n", "2")
+    assert r.code == 2 and r.err.strip().endswith("put the one it was trained with beside it")
+    assert "has 340 tokens but the model's vocabulary has 400" in r.err and small.vocab_size == 340

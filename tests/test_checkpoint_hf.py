@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -138,9 +139,10 @@ def test_export_of_a_foreign_sentencepiece_tokenizer_keeps_its_model_file(tmp_pa
     assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, 2, None)
 
 
-def test_export_refuses_a_tokenizer_larger_than_the_vocabulary(tok_dir, tmp_path):
-    save_model(tiny_model(), tmp_path / "m", tokenizer=tok_dir / "tokenizer.model")  # 97 ids, tokenizer 400
-    with pytest.raises(CheckpointError, match="has 400 ids but the model's vocabulary has 97"):
+def test_export_refuses_a_tokenizer_that_is_not_the_models(tok_dir, tmp_path):
+    save_model(tiny_model(), tmp_path / "m")  # 97 ids; the tokenizer dropped in beside it has 400
+    shutil.copyfile(tok_dir / "tokenizer.model", tmp_path / "m" / "tokenizer.model")
+    with pytest.raises(CheckpointError, match="has 400 tokens but the model's vocabulary has 97"):
         export_hf(tmp_path / "m", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

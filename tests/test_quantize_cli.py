@@ -123,7 +123,7 @@ BAD = {
     "sweep unknown type": (lambda fp, tmp: ["quantize", "sweep", fp / "fp", "--eval", fp / "eval.txt", "--types", "q7"],
                            "unknown quantization type 'q7'"),
     "sweep bad batch": (lambda fp, tmp: ["quantize", "sweep", fp / "fp", "--eval", fp / "eval.txt", "--batch-size",
-                                         "0"], "batch_size must be in [1, inf], got 0"),
+                                         "0"], "batch_size must be in [1, 65536], got 0"),
     "sweep of a quantized model": (lambda fp, tmp: ["quantize", "sweep", _quantized(fp, tmp), "--eval",
                                                     fp / "eval.txt"], "already quantized"),
 }

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lbdl_cli.config import Config, setting
+from lbdl_cli.config import MAX_SEED, Config, setting
 from lbdl_cli.errors import ConfigError
 
 # The files of a tokenizer directory (a model directory holds the first too).
@@ -35,19 +35,20 @@ def reserved_ids(n_special_tokens: int = 0) -> int:
 class TokenizerConfig(Config):
     """How to train a tokenizer. `lbdl tokenizer train` takes its flags and defaults from here."""
 
-    vocab_size: int = setting(4096, "Vocabulary size, special tokens included.")  # its range: __post_init__
+    vocab_size: int = setting(4096, "Vocabulary size, special tokens included.", low=reserved_ids() + 1,
+                              high=MAX_VOCAB_SIZE)  # __post_init__ names what the low bound is made of
     special_tokens: tuple[str, ...] = setting((), "Extra special tokens, comma-separated or repeated "
                                                   "(e.g. '<|user|>,<|assistant|>').")
     character_coverage: float = setting(0.9999, "Share of characters that get their own piece; rarer ones are "
                                                 "spelled in bytes.", low=0, low_open=True, high=1)
     split_digits: bool = setting(True, "Make every digit its own token (as Llama does).")
     max_lines: int = setting(1_000_000, "Train on a seeded reservoir sample of at most this many lines (0 = all).",
-                             low=0)
+                             low=0, high=1 << 40)
     heldout_fraction: float = setting(0.05, "Share of lines held out (seeded) to measure compression.", low=0, high=0.5)
-    seed: int = setting(1337, "Seed for the held-out draw and the line sample.")
+    seed: int = setting(1337, "Seed for the held-out draw and the line sample.", low=0, high=MAX_SEED)
     invalid_utf8: str = setting("error", "What to do with invalid UTF-8: error | replace (U+FFFD) | skip (drop the "
                                          "line).", choices=INVALID_UTF8_CHOICES)
-    num_threads: int = setting(0, "sentencepiece threads; 0 = every core.", low=0)
+    num_threads: int = setting(0, "sentencepiece threads; 0 = every core.", low=0, high=1024)
 
     def __post_init__(self):
         object.__setattr__(self, "special_tokens", tuple(self.special_tokens))
@@ -100,5 +101,5 @@ class DecodeConfig(Config):
 class InspectConfig(Config):
     """`lbdl tokenizer inspect`."""
 
-    top: int = setting(10, "How many of the longest pieces to list.", low=0)
+    top: int = setting(10, "How many of the longest pieces to list.", low=0, high=1 << 20)
     invalid_utf8: str = setting("error", "With --text: what to do with invalid UTF-8.", choices=INVALID_UTF8_CHOICES)

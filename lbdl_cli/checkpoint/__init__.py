@@ -36,7 +36,7 @@ from .configs import (
 
 _DIRECTORY = (
     "DTYPES", "SAFETENSORS_DTYPES", "TOKENIZER_FILE", "atomic_dir", "check_tensors", "convert_dtype", "create_model",
-    "dir_size", "load_model", "load_preset", "model_config", "model_info", "open_safetensors",
+    "dir_size", "load_model", "load_preset", "model_config", "model_info", "model_tokenizer", "open_safetensors",
     "parse_dtype", "save_model", "save_tensors", "tensor_dtypes", "tensor_shapes",
     "weights_path",
     "write_json", "write_model",

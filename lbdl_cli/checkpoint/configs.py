@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from ..config import DTYPE_CHOICES, Config, dtype_setting, setting
+from ..config import DTYPE_CHOICES, MAX_SEED, MAX_TOKENS, MAX_VOCAB, Config, dtype_setting, setting
 from ..errors import CheckpointError
 from ..files import read_json
 
@@ -26,10 +26,10 @@ class InitConfig(Config):
 
     RENAMED = {"block_size": "context", "dtype": "weights_dtype"}
     preset: str | None = setting(None, "Model preset (see `lbdl presets`); required.", metavar="PRESET")
-    vocab_size: int | None = setting(None, "Vocabulary size (none: the preset's).", low=1, high=1 << 24)
+    vocab_size: int | None = setting(None, "Vocabulary size (none: the preset's).", low=1, high=MAX_VOCAB)
     context: int | None = setting(None, "Context length in tokens, the model's block_size (none: the preset's).",
-                                  low=1, high=1 << 20)
-    seed: int = setting(1337, "Seed of the initialisation and of the check on random tokens.")
+                                  low=1, high=MAX_TOKENS)
+    seed: int = setting(1337, "Seed of the initialisation and of the check on random tokens.", low=0, high=MAX_SEED)
     weights_dtype: str = dtype_setting("Stored dtype of the weights: auto (float32) | float32 | bfloat16.")
 
 

@@ -68,10 +68,20 @@ def write_json(path: Path, obj) -> None:
 
 def write_model(dir: Path, config: ModelConfig, state: dict[str, torch.Tensor],
                 tokenizer: str | os.PathLike | None = None, sections: dict | None = None) -> None:
-    """Write config.json, model.safetensors (and tokenizer.model) into an existing directory."""
+    """Write config.json, model.safetensors (and tokenizer.model) into an existing directory. The tokenizer's
+    sha256 and vocabulary size go into config.json's tokenizer section, so that a replaced tokenizer.model is
+    caught when the model is loaded (model_tokenizer)."""
     save_tensors({k: v.detach().contiguous() for k, v in state.items()}, dir / WEIGHTS_FILE)
     if tokenizer is not None:
         shutil.copyfile(tokenizer, dir / TOKENIZER_FILE)
+        from tokenizer import Tokenizer
+
+        tok = Tokenizer.load(dir / TOKENIZER_FILE)
+        if tok.vocab_size != config.vocab_size:
+            raise CheckpointError(f"tokenizer {tokenizer} has {tok.vocab_size} tokens but the model's vocabulary has "
+                                  f"{config.vocab_size}; give the tokenizer the model was trained with")
+        sections = {**(sections or {}), "tokenizer": {"file": TOKENIZER_FILE, "sha256": tok.sha256,
+                                                      "vocab_size": tok.vocab_size}}
     write_json(dir / CONFIG_FILE, {"format_version": FORMAT_VERSION, "model": config.to_dict(), **(sections or {})})
 
 
@@ -92,6 +102,30 @@ def save_model(model: GPT, out: str | os.PathLike, tokenizer: str | os.PathLike 
 
 
 # --- load ---------------------------------------------------------------------------
+
+
+def model_tokenizer(dir: str | os.PathLike, config: dict | None = None):
+    """The tokenizer of a model directory, checked against the model: its vocabulary is the model's (a smaller
+    one decodes garbage, a larger one indexes past the embeddings) and, where config.json records one, its
+    sha256 is the one the model was saved with."""
+    from tokenizer import Tokenizer
+
+    dir = Path(dir)
+    config = config if config is not None else read_config(dir)
+    path = dir / TOKENIZER_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{dir} has no {TOKENIZER_FILE}, so its text cannot be encoded; copy in the "
+                              f"tokenizer the model was trained with (cp TOKENIZER_DIR/{TOKENIZER_FILE} {dir}/)")
+    tok = Tokenizer.load(path)
+    vocab = config["model"].get("vocab_size")
+    recorded = (config.get("tokenizer") or {}).get("sha256")
+    if recorded is not None and recorded != tok.sha256:
+        raise CheckpointError(f"{path} is not the tokenizer {dir} was saved with (sha256 {tok.sha256[:12]}, "
+                              f"recorded {recorded[:12]}); put the model's own tokenizer.model back")
+    if tok.vocab_size != vocab:
+        raise CheckpointError(f"{path} has {tok.vocab_size} tokens but the model's vocabulary has {vocab}; the "
+                              f"tokenizer does not belong to this model: put the one it was trained with beside it")
+    return tok
 
 
 def model_config(config: dict, where) -> ModelConfig:

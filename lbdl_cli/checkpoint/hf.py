@@ -30,6 +30,7 @@ from . import (
     atomic_dir,
     check_tensors,
     load_model,
+    model_tokenizer,
     open_safetensors,
     parse_dtype,
     save_tensors,
@@ -292,17 +293,6 @@ def _special_ids(tok: Tokenizer | None) -> dict:
     return ids
 
 
-def _model_tokenizer(model_dir: Path, vocab_size: int) -> Tokenizer | None:
-    """The model directory's tokenizer, if it has one; its ids must fit the model's vocabulary."""
-    if not (model_dir / TOKENIZER_FILE).is_file():
-        return None
-    tok = Tokenizer.load(model_dir / TOKENIZER_FILE)
-    if tok.vocab_size > vocab_size:
-        raise CheckpointError(f"{model_dir / TOKENIZER_FILE} has {tok.vocab_size} ids but the model's vocabulary "
-                              f"has {vocab_size}; put the tokenizer the model was trained with beside it")
-    return tok
-
-
 def export_hf(model_dir: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> dict:
     """Write an lbdl model as a transformers directory: config.json (with the tokenizer's bos/eos/pad ids),
     model.safetensors, and with the model's tokenizer: tokenizer.json, tokenizer_config.json and
@@ -319,7 +309,7 @@ def export_hf(model_dir: str | os.PathLike, out: str | os.PathLike, force: bool 
     if arch is None:
         why = "; ".join(f"{a} needs to change {', '.join(w)}" for a, w in fits.items())
         raise CheckpointError(f"{model_dir} fits no Hugging Face architecture lbdl exports ({why})")
-    tok = _model_tokenizer(model_dir, cfg.vocab_size)
+    tok = model_tokenizer(model_dir, config) if (model_dir / TOKENIZER_FILE).is_file() else None
     family = FAMILIES[arch]
     state = model.state_dict()
     out_tensors = {}

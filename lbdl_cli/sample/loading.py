@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import CheckpointError
 from ..progress import Progress, report
 
 if TYPE_CHECKING:
@@ -23,16 +22,11 @@ def load_for_inference(model_arg: str | os.PathLike | None, dtype: str | torch.d
     `progress`. Quantized weights get the backend the machine's probe chose (checkpoint.load_model), and
     float matrices the layout of their fastest kernels (kernels.inference_layout).
     """
-    from tokenizer import Tokenizer
-
     from .. import kernels
-    from ..checkpoint import TOKENIZER_FILE, default_model_dir, load_model, parse_dtype, read_config
+    from ..checkpoint import default_model_dir, load_model, model_tokenizer, parse_dtype, read_config
 
     dir = Path(model_arg) if model_arg is not None else default_model_dir()
-    read_config(dir)  # a missing or foreign directory fails here, before the tokenizer check
-    if not (dir / TOKENIZER_FILE).is_file():
-        raise CheckpointError(f"{dir} has no {TOKENIZER_FILE}, so its text cannot be encoded; copy in the "
-                              f"tokenizer the model was trained with (cp TOKENIZER_DIR/{TOKENIZER_FILE} {dir}/)")
+    tok = model_tokenizer(dir, read_config(dir))  # a missing or foreign directory or tokenizer fails here
     device = kernels.resolve_device(device)
     if isinstance(dtype, str) or dtype is None:
         dtype = parse_dtype(dtype)
@@ -41,10 +35,6 @@ def load_for_inference(model_arg: str | os.PathLike | None, dtype: str | torch.d
         report(progress, "load", message=note, level="warning")
     model, config = load_model(dir, dtype=dtype, device=device)
     kernels.inference_layout(model.matrices())
-    tok = Tokenizer.load(dir)
-    if tok.vocab_size > model.config.vocab_size:
-        raise CheckpointError(f"{dir}: the tokenizer has {tok.vocab_size} tokens but the model only "
-                              f"{model.config.vocab_size}; the tokenizer.model does not belong to this model")
     return model, tok, config
 
 

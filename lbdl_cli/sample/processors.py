@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..config import Config, setting
+from ..config import MAX_SEED, MAX_TOKENS, MAX_VOCAB, Config, setting
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
@@ -23,16 +23,17 @@ _INTEGERS = ("top_k", "max_new_tokens", "seed")
 class SamplingConfig(Config):
     """How to pick each new token. `lbdl generate` takes its defaults from here (GenerateConfig)."""
 
-    temperature: float = setting(0.8, "Sampling temperature; 0 = greedy (argmax).", low=0, short="-t")
-    top_k: int = setting(0, "Keep the k most likely tokens; 0 = off.", low=0)
+    temperature: float = setting(0.8, "Sampling temperature; 0 = greedy (argmax).", low=0, short="-t", high=100)
+    top_k: int = setting(0, "Keep the k most likely tokens; 0 = off.", low=0, high=MAX_VOCAB)
     top_p: float = setting(1.0, "Nucleus sampling: keep the most likely tokens up to this probability; 1 = off.",
                            low=0, low_open=True, high=1)
     min_p: float = setting(0.0, "Keep tokens at least this fraction as likely as the top one; 0 = off.", low=0, high=1)
-    repetition_penalty: float = setting(1.0, "> 1 discourages tokens already seen; 1 = off.", low=0, low_open=True)
-    max_new_tokens: int = setting(256, "Tokens to generate at most.", low=1, short="-n")
+    repetition_penalty: float = setting(1.0, "> 1 discourages tokens already seen; 1 = off.", low=0, low_open=True,
+                                        high=100)
+    max_new_tokens: int = setting(256, "Tokens to generate at most.", low=1, short="-n", high=MAX_TOKENS)
     stop: tuple[str, ...] = setting((), "Stop at this text, left out of the output (repeatable; on the command "
                                         "line \\n is a line break).")
-    seed: int | None = setting(None, "Seed for reproducible sampling (default: a fresh one).")
+    seed: int | None = setting(None, "Seed for reproducible sampling (default: a fresh one).", low=0, high=MAX_SEED)
     ignore_eos: bool = setting(False, "Keep generating after <eos> (benchmarks: a fixed number of tokens).")
 
     def __post_init__(self):

@@ -32,7 +32,7 @@ class GenerateConfig(SamplingConfig):
 
     RENAMED = {"dtype": "compute_dtype"}
 
-    num_samples: int = setting(1, "Samples per prompt.", low=1)
+    num_samples: int = setting(1, "Samples per prompt.", low=1, high=1 << 12)
     each_line: bool = setting(False, "Every non-empty line of the prompt is a prompt of its own (one batch).")
     compute_dtype: str = dtype_setting()
     device: str = device_setting()

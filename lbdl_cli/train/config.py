@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import DTYPE_CHOICES, Config, device_setting, read_toml, setting
+from ..config import DTYPE_CHOICES, MAX_SEED, MAX_TOKENS, Config, device_setting, read_toml, setting
 from ..errors import ConfigError
 
 SCHEDULES = ("cosine", "constant", "step")
@@ -33,49 +33,53 @@ class TrainConfig(Config):
                                  metavar="MODEL")
     # length: max_steps wins, then max_tokens, then epochs
     max_steps: int | None = setting(None, "Optimizer steps to run (none: from --max-tokens or --epochs; "
-                                          f"{OVERFIT_STEPS} with --overfit-batch).", low=1)
-    max_tokens: int | None = setting(None, "Training tokens to consume (none: from --epochs).", low=1)
+                                          f"{OVERFIT_STEPS} with --overfit-batch).", low=1, high=1 << 40)
+    max_tokens: int | None = setting(None, "Training tokens to consume (none: from --epochs).", low=1, high=1 << 60)
     epochs: float | None = setting(None, f"Passes over the training shard (none, with no other length: "
-                                         f"{DEFAULT_EPOCHS:g}).", low=0, low_open=True)
+                                         f"{DEFAULT_EPOCHS:g}).", low=0, low_open=True, high=1e6)
     # batch
-    batch_size: int = setting(16, "Sequences per micro-step and rank.", low=1)
-    context: int | None = setting(None, "Tokens per sequence (none: the model's block_size).", low=1)
-    grad_accum: int = setting(1, "Micro-steps per optimizer step (global batch = batch x ranks x accum).", low=1)
+    batch_size: int = setting(16, "Sequences per micro-step and rank.", low=1, high=1 << 16)
+    context: int | None = setting(None, "Tokens per sequence (none: the model's block_size).", low=1, high=MAX_TOKENS)
+    grad_accum: int = setting(1, "Micro-steps per optimizer step (global batch = batch x ranks x accum).", low=1,
+                              high=1 << 16)
     # optimizer: AdamW, weight decay on matrices only
     lr: float | None = setting(None, "Peak learning rate (none: 1e-3 to pretrain, 1e-4 with --init-from).",
-                               low=0, low_open=True)
-    min_lr: float | None = setting(None, "Floor of the decay (none: lr / 10).", low=0)
-    weight_decay: float = setting(0.1, "AdamW weight decay, on matrices only (not biases, norms, embeddings).", low=0)
+                               low=0, low_open=True, high=10)
+    min_lr: float | None = setting(None, "Floor of the decay (none: lr / 10).", low=0, high=10)
+    weight_decay: float = setting(0.1, "AdamW weight decay, on matrices only (not biases, norms, embeddings).", low=0,
+                                  high=10)
     beta1: float = setting(0.9, "AdamW beta1, in [0, 1).", low=0, high=1)
     beta2: float = setting(0.95, "AdamW beta2, in [0, 1).", low=0, high=1)
-    eps: float = setting(1e-8, "AdamW epsilon.", low=0, low_open=True)
+    eps: float = setting(1e-8, "AdamW epsilon.", low=0, low_open=True, high=1)
     grad_clip: float = setting(1.0, "Clip the global gradient norm to this (0: no clipping; the norm is logged).",
-                               low=0)
+                               low=0, high=1e6)
     dropout: float | None = setting(None, "Dropout probability, in [0, 1) (none: keep the preset's or model's).",
                                     low=0, high=1)
     # schedule
     schedule: str = setting("cosine", "cosine (warmup, then cosine to min_lr) | constant | step.", choices=SCHEDULES)
-    warmup: float = setting(0.05, "Linear warmup from lr/20: steps (>= 1) or a fraction of the run (< 1).", low=0)
+    warmup: float = setting(0.05, "Linear warmup from lr/20: steps (>= 1) or a fraction of the run (< 1).", low=0,
+                            high=1 << 40)
     decay: float = setting(1.0, "Cosine length after warmup: steps (> 1) or a fraction of the rest (<= 1).",
-                           low=0, low_open=True)
+                           low=0, low_open=True, high=1 << 40)
     step_every: float = setting(0.33, "Step decay interval: steps (>= 1) or a fraction of the run (< 1).",
-                                low=0, low_open=True)
+                                low=0, low_open=True, high=1 << 40)
     step_gamma: float = setting(0.1, "Step decay factor per interval.", low=0, low_open=True, high=1)
     # evaluation and checkpoints
-    eval_interval: int = setting(50, "Evaluate on the validation shard and checkpoint every N steps.", low=1)
-    eval_batches: int = setting(20, "Validation batches per evaluation (a fixed set).", low=1)
+    eval_interval: int = setting(50, "Evaluate on the validation shard and checkpoint every N steps.", low=1,
+                                 high=1 << 40)
+    eval_batches: int = setting(20, "Validation batches per evaluation (a fixed set).", low=1, high=1 << 20)
     patience: int | None = setting(None, "Early stopping: stop after N evaluations without improvement (none: "
-                                         "never).", low=1)
-    log_interval: int = setting(10, "Log loss, lr, grad norm, tokens/s and MFU every N steps.", low=1)
+                                         "never).", low=1, high=1 << 20)
+    log_interval: int = setting(10, "Log loss, lr, grad norm, tokens/s and MFU every N steps.", low=1, high=1 << 40)
     # numerics and devices
     compute_dtype: str = setting("auto", "auto (bf16 autocast where the hardware has it) | float32 | bfloat16.",
                          choices=DTYPE_CHOICES)
     device: str = device_setting("auto | cpu | cuda (cuda:N).")
     compile: bool = setting(False, "Compile the model with torch.compile.")
     fsdp: bool = setting(False, "Under torchrun: shard parameters, gradients and optimizer state (FSDP2).")
-    seed: int = setting(1337, "Seed of the initialisation, the data order and dropout.")
+    seed: int = setting(1337, "Seed of the initialisation, the data order and dropout.", low=0, high=MAX_SEED)
     peak_tflops: float | None = setting(None, "Peak TFLOP/s for MFU (none: measured by a short matmul probe at "
-                                              "start).", low=0, low_open=True)
+                                              "start).", low=0, low_open=True, high=1e6)
     overfit_batch: bool = setting(False, "Debug check: train on one fixed batch; the loss should approach 0.")
 
     def __post_init__(self):
