@@ -57,7 +57,7 @@ def dtype_setting(help: str = "Compute dtype: auto (the stored one, or what is f
 
 def device_setting(help: str = "auto (cuda when torch sees one) | cpu | cuda."):
     """The `device` field every command that runs a model shares (cuda:N is accepted too)."""
-    return setting("auto", help)
+    return setting("auto", help, metavar="DEVICE")
 
 
 def field_types(cls) -> dict[str, object]:

@@ -79,7 +79,7 @@ class TaskConfig(Config):
                                   metavar="REGEX")
     max_new_tokens: int = setting(32, "Tokens per completion at most.", low=1, high=MAX_TOKENS)
     stop: tuple[str, ...] = setting(("\\n",), "Stop strings, as typed on a command line (\\n is a line break).")
-    batch_size: int = setting(8, "Prompts per generate() call.", low=1)
+    batch_size: int = setting(8, "Prompts per generate() call.", low=1, high=1 << 16)
     show: int = setting(0, "Print the first N records with their completions.", low=0, high=1 << 30)
     compute_dtype: str = dtype_setting()
     device: str = device_setting()

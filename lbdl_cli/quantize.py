@@ -112,7 +112,8 @@ class SweepConfig(Config):
     embeddings: str = setting(DEFAULT_EMBEDDINGS, _EMBEDDINGS_HELP, choices=EMBEDDING_CHOICES + _TYPES)
     calibrate: str | None = setting(None, "Text file: also quantize each type with importance weights and report "
                                           "the share of the perplexity increase they remove.", metavar="FILE")
-    context: int | None = setting(None, "Evaluation window in tokens (default: the model's context).", low=4)
+    context: int | None = setting(None, "Evaluation window in tokens (default: the model's context).", low=4,
+                                  high=MAX_TOKENS)
     batch_size: int = setting(8, "Windows per forward pass.", low=1, high=1 << 16)
     compute_dtype: str = dtype_setting("Precision of the reference and of every variant's unquantized parts: "
                                        "auto (as stored) | float32 | bfloat16.")

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"lbdl: error: {e}", 2, debug)
     except ClickException as e:  # usage: an unknown option, a missing argument, a non-number for a number
         ctx = getattr(e, "ctx", None)
-        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        hint = f" (see `{ctx.command_path if ctx is not None else 'lbdl'} --help`)"
         _fail(f"lbdl: error: {e.format_message()}{hint}", 2 if e.exit_code == 2 else e.exit_code, debug)
     except RunFailed as e:
         _fail(f"lbdl: {e}", 130 if getattr(e, "exit_code", None) == 130 else 1, debug)

@@ -37,7 +37,7 @@ def _rows(meta: dict) -> dict:
 @config_options(PrepareConfig)
 def prepare(
     files: list[str] = typer.Argument(..., metavar="FILES", help="Text files or globs (quote globs; `**` recurses)."),
-    tokenizer: str = typer.Option(..., "--tokenizer", metavar="DIR",
+    tokenizer: str = typer.Option(..., "--tokenizer", metavar="TOKENIZER",
                                   help="Tokenizer or model directory, or a tokenizer.model file."),
     out: str = out_option("Output shard directory (train.bin, val.bin, meta.json)."),
     force: bool = FORCE_OPTION,

@@ -11,7 +11,7 @@ import typer
 
 from ..checkpoint.configs import CONFIG_FILE
 from ..sample.run import GenerateConfig
-from .options import build, complete_model_dirs, config_options
+from .options import build, complete_model_dirs, config_options, optional
 from .output import JSON_OPTION, emit, err_console, progress_view
 
 
@@ -77,10 +77,10 @@ def generate(
              "A lone argument that looks like a path is taken for a mistyped model: use --model default to send "
              "it as a prompt."),
     model: Optional[str] = typer.Option(None, "--model", metavar="MODEL", autocompletion=complete_model_dirs,
-                                        help="The model directory, or default for the bundled model: every "
-                                             "argument is then the prompt."),
+                                        help=optional("The model directory, or default for the bundled model: "
+                                                      "every argument is then the prompt.")),
     prompt_file: Optional[str] = typer.Option(None, "--prompt-file", metavar="FILE",
-                                              help="Read the prompt from this file (- = stdin)."),
+                                              help=optional("Read the prompt from this file (- = stdin).")),
     as_json: bool = JSON_OPTION,
     **fields,
 ):

@@ -119,18 +119,25 @@ def file_argument(help: str, what: str = "file", metavar: str = "FILE"):
     return typer.Argument(..., metavar=metavar, help=help, callback=_input_file(what), show_default=False)
 
 
+def optional(help: str, required: bool = False) -> str:
+    """The help of an option whose default is "not given"."""
+    return help if required else f"{help} [default: none]"
+
+
 def file_option(flag: str, help: str, what: str = "file", required: bool = False, metavar: str = "FILE"):
-    return typer.Option(... if required else None, flag, metavar=metavar, help=help, callback=_input_file(what),
-                        show_default=False)
+    return typer.Option(... if required else None, flag, metavar=metavar, help=optional(help, required),
+                        callback=_input_file(what), show_default=False)
 
 
 def out_option(help: str = "Output directory.", required: bool = True):
     """--out DIR: always a directory (a single output file is --png FILE and so on)."""
-    return typer.Option(... if required else None, "--out", metavar="DIR", help=help, show_default=False)
+    return typer.Option(... if required else None, "--out", metavar="DIR", help=optional(help, required),
+                        show_default=False)
 
 
 def png_option(help: str):
-    return typer.Option(None, "--png", metavar="FILE", help=help + " (needs matplotlib)", show_default=False)
+    return typer.Option(None, "--png", metavar="FILE", help=optional(help + " (needs matplotlib)."),
+                        show_default=False)
 
 
 COMPLETIONS = {"MODEL": complete_model_dirs, "PRESET": complete_presets}

@@ -15,7 +15,8 @@ from .options import build, config_options, file_option, group, out_option
 from .output import FORCE_OPTION, JSON_OPTION, console, emit, esc, human_bytes, kv_table, progress_view
 
 app = group("Train and use BPE tokenizers (sentencepiece, exact round trips).")
-TOKENIZER_ARG = typer.Argument(..., metavar="DIR", help="Tokenizer or model directory, or a tokenizer.model file.")
+TOKENIZER_ARG = typer.Argument(..., metavar="TOKENIZER",
+                               help="Tokenizer or model directory, or a tokenizer.model file.")
 
 
 def register(root: typer.Typer) -> None:

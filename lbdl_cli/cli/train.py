@@ -12,11 +12,11 @@ import typer
 
 from ..atomic import check_out
 from ..train.config import LrFindConfig, TrainConfig
-from .options import build, config_options, given, png_option
+from .options import build, config_options, given, optional, png_option
 from .output import JSON_OPTION, console, emit, progress_view
 
 CONFIG_OPTION = typer.Option(None, "--config", metavar="FILE",
-                             help="TOML file with any training field; flags override it.")
+                             help=optional("TOML file with any training field; flags override it."))
 LR_FIND_SKIP = ("out", "lr", "max_steps", "log_interval", "peak_tflops",  # lr-find sets or needs none of these
                 "max_tokens", "epochs", "init_from", "fsdp", "patience", "eval_interval", "eval_batches",
                 "overfit_batch", "schedule", "warmup", "decay", "step_every", "step_gamma", "min_lr")
@@ -31,8 +31,9 @@ def register(app: typer.Typer) -> None:
 def train(
     config: Optional[str] = CONFIG_OPTION,
     resume: Optional[str] = typer.Option(None, "--resume", metavar="RUN",
-                                         help="Continue the run in this directory from its last/ checkpoint (or "
-                                              "from the start when it was stopped before its first)."),
+                                         help=optional("Continue the run in this directory from its last/ "
+                                                       "checkpoint (or from the start when it was stopped before "
+                                                       "its first).")),
     force: bool = typer.Option(False, "--force", help="Start over in an output directory that holds another run."),
     as_json: bool = JSON_OPTION,
     **fields,
