@@ -34,10 +34,10 @@ def check_out(out: str | os.PathLike, force: bool, inputs: Paths = (), kind: str
     exists = os.path.lexists(out)
     if exists and not force:
         raise OutputExistsError(f"output {kind} {out} already exists; choose another path or pass --force")
-    if exists and (out.is_dir() != (kind == "directory") or out.is_symlink()):
-        what = "a directory" if out.is_dir() else "a symbolic link" if out.is_symlink() else "a file"
-        raise OutputExistsError(f"output path {out} is {what}, not a {kind}; remove it or choose another path")
     check_not_input(out, inputs)
+    if exists and (out.is_symlink() or out.is_dir() != (kind == "directory")):
+        what = "a symbolic link" if out.is_symlink() else "a directory" if out.is_dir() else "a file"
+        raise OutputExistsError(f"output path {out} is {what}, not a {kind}; remove it or choose another path")
     check_writable(out, kind)
 
 
@@ -70,9 +70,10 @@ def check_writable(out: str | os.PathLike, kind: str = "directory") -> None:
     try:
         Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent)).rmdir()
     except OSError as e:
-        why = {errno.EROFS: "is on a read-only filesystem", errno.EACCES: "is not writable",
-               errno.EPERM: "is not writable", errno.ENOSPC: "is on a full disk"}.get(e.errno, f"({e.strerror})")
-        raise OutputExistsError(f"cannot write {kind} {out}: {parent} {why}; choose another path") from None
+        why = {errno.EROFS: f"{parent} is on a read-only filesystem", errno.EACCES: f"{parent} is not writable",
+               errno.EPERM: f"{parent} is not writable", errno.ENOSPC: f"{parent} is on a full disk"}.get(
+            e.errno, f"nothing can be created in {parent} ({e.strerror})")
+        raise OutputExistsError(f"cannot write {kind} {out}: {why}; choose another path") from None
 
 
 def _alive(pid: int) -> bool:
