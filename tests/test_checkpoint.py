@@ -265,3 +265,13 @@ def test_a_model_directory_keeps_its_own_tokenizer(tok_dir, tmp_path, cli):
     r = cli("generate", tmp_path / "m", "To be", "-n", "2")
     assert r.code == 2 and r.err.strip().endswith("put the one it was trained with beside it")
     assert "has 340 tokens but the model's vocabulary has 400" in r.err and small.vocab_size == 340
+
+
+def test_weights_get_the_permissions_of_every_other_file(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_model(tiny_model(), tmp_path / "m")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "m").iterdir()}
+    assert modes == {"config.json": 0o644, "model.safetensors": 0o644}  # safetensors alone writes 0600
