@@ -28,6 +28,7 @@ from tokenizer.config import INVALID_UTF8_CHOICES, TOKENIZER_FILE
 from .atomic import atomic_dir, check_out
 from .config import MAX_SEED, Config, setting
 from .errors import DataError
+from .files import read_json
 from .progress import Progress, report
 
 FORMAT_VERSION = 1
@@ -260,11 +261,11 @@ def read_meta(dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise DataError(f"{dir} has no {META_FILE}; it is not a shard directory (make one with `lbdl data prepare`)")
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is not valid JSON ({e}); re-run `lbdl data prepare`") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        version = meta.get("format_version") if isinstance(meta, dict) else None
+        meta = read_json(path, "shard metadata")
+    except DataError as e:
+        raise DataError(f"{e} (`lbdl data prepare` writes it)") from None
+    version = meta.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:
         raise DataError(f"{path} has format_version {version!r}; this lbdl reads format_version {FORMAT_VERSION} "
                         f"(re-run `lbdl data prepare`)")
     for key in ("dtype", "vocab_size", "tokenizer_sha256", "train_tokens", "val_tokens"):
@@ -272,6 +273,13 @@ def read_meta(dir: str | os.PathLike) -> dict:
             raise DataError(f"{path} lacks {key!r}; re-run `lbdl data prepare`")
     if meta["dtype"] not in ("uint16", "uint32"):
         raise DataError(f"{path} names dtype {meta['dtype']!r}; expected uint16 or uint32")
+    for key, low in (("vocab_size", 1), ("train_tokens", 0), ("val_tokens", 0)):
+        if type(meta[key]) is not int or meta[key] < low:  # bool is not a count
+            raise DataError(f"{path}: {key} must be an integer >= {low}, got {meta[key]!r}; "
+                            f"re-run `lbdl data prepare`")
+    if not isinstance(meta["tokenizer_sha256"], str):
+        raise DataError(f"{path}: tokenizer_sha256 must be a string, got {meta['tokenizer_sha256']!r}; "
+                        f"re-run `lbdl data prepare`")
     return meta
 
 

@@ -19,19 +19,17 @@ Progress is reported as windows ("perplexity") and records ("task") done.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 import time
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from .config import MAX_TOKENS, Config, device_setting, dtype_setting, setting
 from .errors import ConfigError, DataError
-from .files import read_text
+from .files import read_jsonl, read_text
 from .progress import Progress, report
 from .sample import SamplingConfig, generate, load_for_inference
 from .sample.run import stop_strings
@@ -254,34 +252,41 @@ NUMBER_RE = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 
 
 def load_tasks(path: str | os.PathLike) -> list[dict]:
-    """Records of a JSONL task file: {"prompt": ..., "answer": ...} (+ optional choices, extract, pattern)."""
-    path = Path(path)
-    text = read_text(path, "task file")
+    """Records of a JSONL task file: {"prompt": ..., "answer": ...} (+ optional choices, extract, pattern).
+
+    Each is checked as it is read; an error names the file and the line (`tasks.jsonl:3: ...`)."""
     records = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {n} is not valid JSON ({e.msg}); each line must be one "
-                            f'{{"prompt": ..., "answer": ...}} object') from None
-        if not isinstance(rec, dict):
-            raise DataError(f'{path} line {n} is not a JSON object; expected {{"prompt": ..., "answer": ...}}')
+    for n, rec in read_jsonl(path, "task file"):
+        where = f"task file {path}:{n}:"
         if not isinstance(rec.get("prompt"), str) or not rec["prompt"]:
-            raise DataError(f'{path} line {n} has no "prompt" text')
+            raise DataError(f'{where} no "prompt" text; each line must be one {{"prompt": ..., "answer": ...}} '
+                            f"object")
         answer = rec.get("answer")
-        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or str(answer).strip() == "":
-            raise DataError(f'{path} line {n} has no "answer" (a string or a number)')
+        if (isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or str(answer).strip() == ""
+                or (isinstance(answer, float) and not math.isfinite(answer))):
+            raise DataError(f'{where} "answer" must be a non-empty string or a finite number, got {answer!r}'
+                            if "answer" in rec else f'{where} no "answer" (a string or a number)')
         if "choices" in rec and (not isinstance(rec["choices"], list) or not rec["choices"]
                                  or not all(isinstance(c, str) and c.strip() for c in rec["choices"])):
-            raise DataError(f'{path} line {n}: "choices" must be a non-empty list of strings')
-        if rec.get("extract", "auto") not in EXTRACT_METHODS:
-            raise DataError(f'{path} line {n}: "extract" {rec["extract"]!r} must be one of '
-                            f'{", ".join(EXTRACT_METHODS)}')
+            raise DataError(f'{where} "choices" must be a non-empty list of strings')
+        extract = rec.get("extract", "auto")
+        if not isinstance(extract, str) or extract not in EXTRACT_METHODS:
+            raise DataError(f'{where} "extract" {extract!r} must be one of {", ".join(EXTRACT_METHODS)}')
+        if "pattern" in rec:
+            if not isinstance(rec["pattern"], str) or not rec["pattern"]:
+                raise DataError(f'{where} "pattern" must be a regular expression (a non-empty string), '
+                                f'got {rec["pattern"]!r}')
+            try:
+                re.compile(rec["pattern"])
+            except re.error as e:
+                raise DataError(f'{where} invalid regular expression {rec["pattern"]!r}: {e}') from None
+        if extract in ("number", "last-number") and canonical_number(answer) is None:
+            raise DataError(f'{where} answer {answer!r} is not a number; use "extract": "exact", "choice" or '
+                            f'"regex" for it')
         records.append({**rec, "line": n})
     if not records:
-        raise DataError(f'{path} holds no records; write one {{"prompt": ..., "answer": ...}} object per line')
+        raise DataError(f'task file {path} holds no records; write one {{"prompt": ..., "answer": ...}} object '
+                        f"per line")
     return records
 
 
@@ -417,6 +422,15 @@ def task_accuracy_of_file(model_dir: str | os.PathLike | None, path: str | os.Pa
     """`task_accuracy` of a model directory (None: the bundled default) on a JSONL task file."""
     cfg = cfg or TaskConfig()
     records = load_tasks(path)
+    for r in records:  # the records against --extract and --pattern, before the model loads
+        method, where = resolve_method(r, cfg.extract), f"task file {path}:{r['line']}:"
+        if method == "regex" and not r.get("pattern", cfg.pattern):
+            raise ConfigError(f'{where} regex extraction needs a pattern (--pattern, or "pattern" in the record)')
+        if method == "regex":
+            _compile(r.get("pattern", cfg.pattern))
+        elif method in ("number", "last-number") and canonical_number(r["answer"]) is None:
+            raise DataError(f"{where} answer {r['answer']!r} is not a number; use --extract exact, choice or regex "
+                            f"for it")
     model, tok, _ = load_for_inference(model_dir, cfg.compute_dtype, cfg.device, progress=progress)
     result = task_accuracy(model, tok, records, cfg.sampling, cfg.extract, cfg.pattern, cfg.batch_size, progress)
     return {"model": str(model_dir) if model_dir is not None else "default", "file": str(path), **result}

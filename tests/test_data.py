@@ -310,6 +310,15 @@ def bad_cases(tmp: Path, tok_dir: Path) -> dict[str, tuple[list, str]]:
     one_doc = write(tmp / "one.txt", "a single paragraph\nwith two lines\n")
     fake = write(tmp / "fake" / "tokenizer.model", b"\x00\x01 not a model")
     (tmp / "existing").mkdir(exist_ok=True)
+    meta = {"format_version": 1, "dtype": "uint16", "vocab_size": 600, "tokenizer_sha256": "0" * 64,
+            "train_tokens": 3, "val_tokens": 1}
+    metas = {"binary": bytes(range(256)), "array": "[1, 2]\n", "line 3": '{"format_version": 1,\n "dtype": "uint16"\n',
+             "count": json.dumps({**meta, "train_tokens": "3"}),
+             "version": json.dumps({**meta, "format_version": True})}
+    for name, data in metas.items():
+        write(tmp / f"meta-{name}" / "meta.json", data)
+        write(tmp / f"meta-{name}" / "train.bin", np.zeros(3, np.uint16).tobytes())
+        write(tmp / f"meta-{name}" / "val.bin", np.zeros(1, np.uint16).tobytes())
     cmd = ["data", "prepare"]
     out = ["--out", tmp / "out"]
     return {
@@ -325,12 +334,27 @@ def bad_cases(tmp: Path, tok_dir: Path) -> dict[str, tuple[list, str]]:
         "bad val fraction": ([*cmd, good, "--tokenizer", tok_dir, *out, "--val-fraction", 2],
                              "val_fraction must be in [0, 0.5], got 2"),
         "info on a non-shard dir": (["data", "info", tmp / "existing"], "no meta.json"),
+        "meta.json binary": (["data", "info", tmp / "meta-binary"],
+                             f"{tmp / 'meta-binary' / 'meta.json'} is not UTF-8 text (byte 128)"),
+        "meta.json an array": (["data", "info", tmp / "meta-array"],
+                               f"{tmp / 'meta-array' / 'meta.json'} must hold a JSON object, not array"),
+        "meta.json broken at line 3": (["data", "info", tmp / "meta-line 3"],
+                                       f"{tmp / 'meta-line 3' / 'meta.json'} is not valid JSON (line 3, column 1"),
+        "meta.json count not an integer": (["data", "info", tmp / "meta-count"],
+                                           "meta.json: train_tokens must be an integer >= 0, got '3'"),
+        "meta.json version true": (["data", "info", tmp / "meta-version"], "has format_version True"),
+        "train on a broken meta.json": (["train", "--data", tmp / "meta-line 3", "--out", tmp / "out",
+                                         "--preset", "nano", "--max-steps", 1],
+                                        f"{tmp / 'meta-line 3' / 'meta.json'} is not valid JSON (line 3, column 1"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing file", "empty corpus", "binary file", "invalid UTF-8",
                                   "not a sentencepiece model", "missing tokenizer", "output exists",
-                                  "too few documents for val", "bad val fraction", "info on a non-shard dir"])
+                                  "too few documents for val", "bad val fraction", "info on a non-shard dir",
+                                  "meta.json binary", "meta.json an array", "meta.json broken at line 3",
+                                  "meta.json count not an integer", "meta.json version true",
+                                  "train on a broken meta.json"])
 def test_cli_bad_input_exit_2_one_line_nothing_written(case, tmp_path, tok_dir, cli):
     argv, message = bad_cases(tmp_path, tok_dir)[case]
     before = sorted(str(p) for p in tmp_path.rglob("*"))

@@ -278,14 +278,27 @@ def test_task_accuracy_of_file_takes_a_task_config(model_dir, tmp_path):
 def test_load_tasks_reports_the_bad_line(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text('{"prompt": "a", "answer": 1}\n\n{"prompt": "b"}\n')
-    with pytest.raises(DataError, match="line 3 has no \"answer\""):
+    with pytest.raises(DataError, match=f'{path}:3: no "answer"'):
         load_tasks(path)
     path.write_text('{"prompt": "a", "answer": 1}\nnot json\n')
-    with pytest.raises(DataError, match="line 2 is not valid JSON"):
+    with pytest.raises(DataError, match=f"{path}:2: not valid JSON"):
         load_tasks(path)
     path.write_text("\n")
     with pytest.raises(DataError, match="no records"):
         load_tasks(path)
+    good = '{"prompt": "a", "answer": "1"}\n'
+    for record, message in [('["prompt", "answer"]', "expected a JSON object"),
+                            ('{"prompt": "a", "answer": NaN}', '"answer" must be a non-empty string or a finite'),
+                            ('{"prompt": "a", "answer": true}', '"answer" must be'),
+                            ('{"prompt": "a", "answer": "b", "extract": ["exact"]}', '"extract" \\[\'exact\'\\]'),
+                            ('{"prompt": "a", "answer": "b", "pattern": 5}', '"pattern" must be a regular expression'),
+                            ('{"prompt": "a", "answer": "b", "pattern": "(("}', "invalid regular expression"),
+                            ('{"prompt": "a", "answer": "b", "extract": "number"}', "answer 'b' is not a number")]:
+        path.write_text(good + record + "\n")
+        with pytest.raises(DataError, match=f"{path}:2: {message}"):
+            load_tasks(path)
+    path.write_text(good + '{"prompt": "b", "answer": 2.5, "extract": "regex", "pattern": "(\\\\d)"}\n')
+    assert [(r["line"], r["answer"]) for r in load_tasks(path)] == [(1, "1"), (2, 2.5)]
 
 
 # --- the command line ----------------------------------------------------------------------------------
@@ -336,34 +349,52 @@ def test_eval_task_command(cli, model_dir, tmp_path):
     assert "accuracy 0.5000 (2/4)" in human.out and "95% CI" in human.out
 
 
-@pytest.mark.parametrize("case", ["short-file", "missing-model", "no-tokenizer", "bad-jsonl", "missing-file",
-                                  "ctx-too-long", "bad-extract", "regex-without-pattern"])
+TASK_FILES = {  # the bad task files of the cases below, and the line their error names
+    "bad-jsonl": ('{"prompt": "a", "answer": "b"}\n{"prompt": 3}\n', "tasks.jsonl:2: no \"prompt\""),
+    "garbage-line": ('{"prompt": "a", "answer": "b"}\n\n{"prompt": "c", "answer": "d"}\nnot json at all\n',
+                     "tasks.jsonl:4: not valid JSON (Expecting value, column 1)"),
+    "no-answer": ('{"prompt": "a", "answer": "b"}\n{"prompt": "c"}\n', 'tasks.jsonl:2: no "answer"'),
+    "not-an-object": ('{"prompt": "a", "answer": "b"}\n["a", "b"]\n', "tasks.jsonl:2: expected a JSON object"),
+    "binary-file": (bytes(range(256)), "tasks.jsonl is not UTF-8 text (byte 128)"),
+    "pattern-not-text": ('{"prompt": "a", "answer": "b", "extract": "regex", "pattern": 5}\n',
+                         'tasks.jsonl:1: "pattern" must be a regular expression'),
+    "answer-not-a-number": ('{"prompt": "a", "answer": "b"}\n{"prompt": "c", "answer": "d"}\n',
+                            "tasks.jsonl:1: answer 'b' is not a number"),
+}
+
+
+@pytest.mark.parametrize("case", ["short-file", "missing-model", "no-tokenizer", "missing-file", "ctx-too-long",
+                                  "bad-extract", "regex-without-pattern", *TASK_FILES])
 def test_eval_bad_input_is_one_line_exit_2(case, cli, model_dir, text_file, tmp_path):
     from lbdl_cli.checkpoint import save_model
 
     short = tmp_path / "short.txt"
     short.write_text("To be, or not to be")
     tasks = tmp_path / "tasks.jsonl"
-    tasks.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": 3}\n' if case == "bad-jsonl"
-                     else '{"prompt": "a", "answer": "b"}\n')
+    content = TASK_FILES[case][0] if case in TASK_FILES else '{"prompt": "a", "answer": "b"}\n'
+    tasks.write_bytes(content if isinstance(content, bytes) else content.encode())
     if case == "no-tokenizer":
         save_model(tiny_model(vocab_size=400), tmp_path / "no-tok")
     args = {
         "short-file": ["perplexity", model_dir, short, "--context", "64"],
         "missing-model": ["perplexity", tmp_path / "nope", text_file],
         "no-tokenizer": ["perplexity", tmp_path / "no-tok", text_file],
-        "bad-jsonl": ["task", model_dir, tasks],
         "missing-file": ["perplexity", model_dir, tmp_path / "absent.txt"],
         "ctx-too-long": ["perplexity", model_dir, text_file, "--context", "65"],
         "bad-extract": ["task", model_dir, tasks, "--extract", "vibes"],
         "regex-without-pattern": ["task", model_dir, tasks, "--extract", "regex"],
-    }[case]
+        "answer-not-a-number": ["task", model_dir, tasks, "--extract", "number"],
+    }.get(case, ["task", model_dir, tasks])
     r = cli("eval", *args)
     assert r.code == 2, (r.out, r.err)
     assert r.out == ""
     lines = r.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("lbdl: error:"), r.err
     expected = {"short-file": "needs at least 64 tokens", "missing-model": "does not exist",
-                "no-tokenizer": "tokenizer.model", "bad-jsonl": "line 2", "missing-file": "does not exist",
-                "ctx-too-long": "block_size 64", "bad-extract": "vibes", "regex-without-pattern": "pattern"}[case]
+                "no-tokenizer": "tokenizer.model", "missing-file": "does not exist",
+                "ctx-too-long": "block_size 64", "bad-extract": "vibes",
+                "regex-without-pattern": "tasks.jsonl:1: regex extraction needs a pattern",
+                **{name: message for name, (_, message) in TASK_FILES.items()}}[case]
     assert expected in lines[0]
+    if case in TASK_FILES:
+        assert f"task file {tasks}" in lines[0]  # the whole path of the file

@@ -276,6 +276,38 @@ def test_not_a_sentencepiece_model(tmp_path, content):
         Tokenizer.load(tmp_path)
 
 
+def with_piece_not_utf8(tok_dir: Path) -> tuple[bytes, int]:
+    """tok_dir's model file with the first byte of its last piece (a field of the protobuf) made 0xff: the
+    file still parses, but that piece is not UTF-8; and the piece's id."""
+    model, last = (tok_dir / "tokenizer.model").read_bytes(), Tokenizer.load(tok_dir).vocab_size - 1
+    word = Tokenizer.load(tok_dir).id_to_piece(last).encode("utf-8")
+    at = model.find(b"\x0a" + bytes([len(word)]) + word)
+    assert at >= 0
+    return model[:at + 2] + b"\xff" + model[at + 3:], last
+
+
+def test_model_file_with_a_piece_that_is_not_utf8(tok_dir, tmp_path):
+    damaged, id = with_piece_not_utf8(tok_dir)
+    path = write(tmp_path / "tokenizer.model", damaged)
+    with pytest.raises(DataError, match=f"{path} is not a usable sentencepiece model: piece {id} is not UTF-8 "
+                                        f"text \\(byte 0xff\\)"):
+        Tokenizer.load(path)
+
+
+@pytest.mark.parametrize("config", [b"{\"format_version\": 1,\n", bytes(range(256)), b"[1, 2]", b"\"text\"",
+                                    b'{"training": "not a report"}', b'{"training": [1]}'])
+def test_unusable_tokenizer_config_is_ignored(tok_dir, tok, tmp_path, config, cli):
+    """tokenizer_config.json is informational (the model file is the tokenizer): one that is not JSON,
+    not a table, or whose training report is not one, is left out, and the tokenizer loads as without it."""
+    (tmp_path / "tokenizer.model").write_bytes((tok_dir / "tokenizer.model").read_bytes())
+    (tmp_path / "tokenizer_config.json").write_bytes(config)
+    loaded = Tokenizer.load(tmp_path)
+    assert loaded.report is None and loaded.user_special_tokens == SPECIALS
+    assert loaded.encode("Speak, <|user|>", allow_special=True) == tok.encode("Speak, <|user|>", allow_special=True)
+    code, stdout, err = cli("tokenizer", "inspect", tmp_path, "--json")
+    assert code == 0 and err == "" and json.loads(stdout.strip().splitlines()[-1])["training"] is None
+
+
 def test_missing_tokenizer(tmp_path):
     with pytest.raises(DataError, match="not found"):
         Tokenizer.load(tmp_path / "nope")
@@ -555,6 +587,28 @@ def cli_bad_cases(tmp: Path, tok_dir: Path):
     cases["decode: not a sentencepiece model"] = (["tokenizer", "decode", fake, "1 2"], "not a sentencepiece model")
     cases["decode: id out of range"] = (["tokenizer", "decode", tok_dir, "1 99999"], "out of range")
     cases["decode: not an integer"] = (["tokenizer", "decode", tok_dir, "1 two"], "not an integer")
+    model = (tok_dir / "tokenizer.model").read_bytes()
+    cut = write(tmp / "cut" / "tokenizer.model", model[:len(model) // 2])
+    cases["encode: tokenizer.model cut short"] = (
+        ["tokenizer", "encode", cut.parent, "hi"], f"{cut} is not a sentencepiece model (it does not parse")
+    damaged, id = with_piece_not_utf8(tok_dir)
+    damaged = write(tmp / "damaged" / "tokenizer.model", damaged)
+    cases["encode: tokenizer.model with a piece not UTF-8"] = (
+        ["tokenizer", "encode", damaged.parent, "hi"], f"{damaged} is not a usable sentencepiece model: piece {id} ")
+    cases["decode: JSON cut short"] = (["tokenizer", "decode", tok_dir, "[1, 2"],
+                                       "IDS is not valid JSON (column 6: Expecting ',' delimiter)")
+    cases["decode: JSON on stdin broken at line 2"] = (["tokenizer", "decode", tok_dir, "-"],
+                                                       "IDS is not valid JSON (line 2, column 4: Expecting value)")
+    cases["decode: JSON ids a string"] = (["tokenizer", "decode", tok_dir, '{"ids": "12"}'],
+                                          "IDS is JSON but not a list of token ids")
+    cases["decode: JSON id a float"] = (["tokenizer", "decode", tok_dir, '{"ids": [5, 1.5]}'],
+                                        "token id 1.5 (item 2 of IDS) is not an integer")
+    cases["decode: JSON id a boolean"] = (["tokenizer", "decode", tok_dir, "[true]"],
+                                          "token id true (item 1 of IDS) is not an integer")
+    cases["decode: JSON nested list"] = (["tokenizer", "decode", tok_dir, "[[5, 6]]"],
+                                         "token id [5, 6] (item 1 of IDS) is not an integer")
+    cases["decode: a digit that is not ASCII"] = (["tokenizer", "decode", tok_dir, "5 \u00b2"],
+                                                  "token id '\u00b2' is not an integer")
     cases["inspect: missing tokenizer"] = (["tokenizer", "inspect", tmp / "nope"], "not found")
     cases["inspect: --text invalid UTF-8"] = (["tokenizer", "inspect", tok_dir, "--text", tmp / "latin1.txt"],
                                               "offset 9")
@@ -563,14 +617,17 @@ def cli_bad_cases(tmp: Path, tok_dir: Path):
 
 CLI_BAD_CASES = [f"train: {name}" for name in BAD_CASES] + [
     "train: output exists", "encode: not a sentencepiece model", "decode: not a sentencepiece model",
-    "decode: id out of range", "decode: not an integer", "inspect: missing tokenizer", "inspect: --text invalid UTF-8"]
+    "decode: id out of range", "decode: not an integer", "inspect: missing tokenizer", "inspect: --text invalid UTF-8",
+    "encode: tokenizer.model cut short", "encode: tokenizer.model with a piece not UTF-8", "decode: JSON cut short",
+    "decode: JSON on stdin broken at line 2", "decode: JSON ids a string", "decode: JSON id a float",
+    "decode: JSON id a boolean", "decode: JSON nested list", "decode: a digit that is not ASCII"]
 
 
 @pytest.mark.parametrize("case", CLI_BAD_CASES)
 def test_cli_bad_input_exit_2_one_line(case, tmp_path, tok_dir, cli):
     argv, message = cli_bad_cases(tmp_path, tok_dir)[case]
     before = sorted(p.name for p in tmp_path.iterdir())
-    code, stdout, err = cli(*argv)
+    code, stdout, err = cli(*argv, stdin="[5,\n 6,,\n" if argv[-1] == "-" else None)
     assert code == 2, (stdout, err)
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith("lbdl: error:") and message in err

@@ -24,7 +24,7 @@ import sentencepiece as spm
 
 from lbdl_cli.atomic import atomic_dir
 from lbdl_cli.errors import DataError
-from lbdl_cli.files import read_text
+from lbdl_cli.files import read_json
 
 from .config import BOS, CONFIG_FILE, EOS, LINE_BREAKS, PAD, TOKENIZER_FILE, UNK
 
@@ -80,8 +80,12 @@ class Tokenizer:
                             f"train one with `lbdl tokenizer train`")
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=model_bytes)
-        except (RuntimeError, OSError) as e:
-            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        except (RuntimeError, OSError, UnicodeDecodeError) as e:
+            # a UnicodeDecodeError: sentencepiece's own message quotes a piece that is not UTF-8
+            text = e.object.decode("utf-8", "backslashreplace") if isinstance(e, UnicodeDecodeError) else str(e)
+            detail = text.strip().splitlines()[0].removeprefix("INTERNAL: ") if text.strip() else ""
+            if not detail or "ParseFromArray" in detail:  # protobuf's own words say nothing to a user
+                detail = "it does not parse: cut short, damaged, or another kind of file"
             raise DataError(f"{path or 'tokenizer'} is not a sentencepiece model ({detail}); "
                             f"train one with `lbdl tokenizer train`") from None
         self.model_bytes = model_bytes
@@ -94,7 +98,14 @@ class Tokenizer:
         if n <= 0:
             raise DataError(f"{path or 'tokenizer'} holds no pieces, not a usable sentencepiece model")
         self._n = n
-        self._pieces = [sp.id_to_piece(i) for i in range(n)]
+        self._pieces = []
+        for i in range(n):
+            try:
+                self._pieces.append(sp.id_to_piece(i))
+            except UnicodeDecodeError as e:  # a damaged file can still parse, with pieces that are not text
+                raise DataError(f"{path or 'tokenizer'} is not a usable sentencepiece model: piece {i} is not "
+                                f"UTF-8 text (byte 0x{e.object[e.start]:02x}); the file is damaged, train or "
+                                f"copy it again") from None
         self._control = {i for i in range(n) if sp.is_control(i)}
         self._base_special = {i for i in (sp.bos_id(), sp.eos_id(), sp.pad_id()) if i >= 0}
         # user special tokens: every control symbol beyond <bos>/<eos>/<pad>
@@ -134,11 +145,14 @@ class Tokenizer:
         config_file = file.parent / CONFIG_FILE
         if config_file.is_file():
             try:
-                config = json.loads(read_text(config_file))
-            except (json.JSONDecodeError, DataError):
-                config = None  # the config is informational; the model file is the tokenizer
+                config = read_json(config_file)
+            except DataError:
+                config = None  # the config is informational (the model file is the tokenizer): one that
+                # cannot be read, or is not a table, is ignored as if it were not there
         if config is not None and config.get("tokenizer_sha256") not in (None, hashlib.sha256(data).hexdigest()):
             config = None  # a stale config beside a replaced model file: ignore it
+        if config is not None and not isinstance(config.get("training", {}), dict):
+            config = {k: v for k, v in config.items() if k != "training"}  # a report that is not one
         return cls(data, path=file, config=config, num_threads=num_threads)
 
     def save(self, out: str | os.PathLike, force: bool = False) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Optional
 
@@ -104,18 +105,29 @@ def encode(
 
 
 def _parse_ids(value: str) -> list[int]:
+    """Token ids as '1 2 3', '1,2,3', a JSON list '[1, 2, 3]', or the --json output of `lbdl tokenizer encode`."""
     value = value.strip()
-    if value.startswith("{"):  # the --json output of `lbdl tokenizer encode`
+    if value.startswith(("[", "{")):
         try:
-            return [int(i) for i in json.loads(value)["ids"]]
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise DataError("IDS looks like JSON but has no list of integers under 'ids'") from None
-    items = value.strip("[]").replace(",", " ").split()
-    try:
-        return [int(i) for i in items]
-    except ValueError:
-        bad = next(i for i in items if not i.lstrip("-").isdigit())
-        raise DataError(f"token id {bad!r} is not an integer; pass ids separated by spaces or commas") from None
+            data = json.loads(value)
+        except json.JSONDecodeError as e:
+            where = f"line {e.lineno}, column {e.colno}" if "\n" in value else f"column {e.colno}"
+            raise DataError(f"IDS is not valid JSON ({where}: {e.msg}); pass ids as '1 2 3', '1,2,3' or "
+                            f"'[1, 2, 3]'") from None
+        ids = data.get("ids") if isinstance(data, dict) else data
+        if not isinstance(ids, list):
+            raise DataError("IDS is JSON but not a list of token ids, nor an object with one under 'ids' "
+                            "(the --json output of `lbdl tokenizer encode`)")
+        bad = next((k for k, i in enumerate(ids) if type(i) is not int), None)  # true and 1.0 are not ids
+        if bad is not None:
+            raise DataError(f"token id {json.dumps(ids[bad])} (item {bad + 1} of IDS) is not an integer; "
+                            f"pass a list of integers")
+        return ids
+    items = value.replace(",", " ").split()
+    bad = next((i for i in items if not re.fullmatch(r"[-+]?[0-9]+", i)), None)
+    if bad is not None:
+        raise DataError(f"token id {bad!r} is not an integer; pass ids separated by spaces or commas")
+    return [int(i) for i in items]
 
 
 @app.command("decode")
