@@ -243,7 +243,7 @@ def read_toml(source: str | os.PathLike) -> tuple[dict, str]:
             raise ConfigError(f"config file {path} does not exist" if not path.exists() else f"{path} is not a file")
         from .files import read_text
 
-        text, where = read_text(path), f"config file {path}"
+        text, where = read_text(path, "config file"), f"config file {path}"
     else:
         text, where = str(source), "TOML config"
     try:

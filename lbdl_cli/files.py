@@ -58,7 +58,7 @@ def read_json(path: str | os.PathLike, what: str = "", error: type[LbdlError] = 
     except DataError as e:
         raise error(str(e)) from None
     try:
-        value = json.loads(text)
+        value = json.loads(text.removeprefix("\ufeff"))  # a byte-order mark, as Windows editors write
     except json.JSONDecodeError as e:
         raise error(f"{name} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
                     f"fix it or write it again") from None

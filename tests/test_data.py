@@ -272,7 +272,7 @@ def test_truncated_or_missing_shards(shards, tmp_path):
         load_shards(broken)
 
 
-def test_uint32_shards_load(tmp_path):
+def test_uint32_shards_load(tmp_path, cli):
     d = tmp_path / "big-vocab"
     d.mkdir()
     np.array([70_000, 1, 2], dtype=np.uint32).tofile(d / "train.bin")
@@ -282,6 +282,10 @@ def test_uint32_shards_load(tmp_path):
     (d / "meta.json").write_text(json.dumps(meta))
     train_ids, val_ids, _ = load_shards(d)
     assert train_ids.tolist() == [70_000, 1, 2] and val_ids.tolist() == [65_537]
+    # a meta.json with only the required keys (and a byte-order mark, as Windows editors write) shows too
+    (d / "meta.json").write_text("\ufeff" + json.dumps(meta))
+    r = cli("data", "info", d)
+    assert r.code == 0 and "3 tokens" in r.out and "uint32 (vocabulary 80,000)" in r.out
 
 
 # --- CLI -----------------------------------------------------------------------------------

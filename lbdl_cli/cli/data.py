@@ -16,18 +16,27 @@ def register(root: typer.Typer) -> None:
 
 
 def _rows(meta: dict) -> dict:
+    """The shard directory as table rows; what a hand-written meta.json leaves out (only the token counts, dtype,
+    vocabulary and tokenizer hash are required) is left out of the table too."""
     rows = {}
     for split in ("train", "val"):
-        tokens, docs, nbytes = meta[f"{split}_tokens"], meta[f"{split}_documents"], meta[f"{split}_bytes"]
-        rows[f"{split}.bin"] = (f"{tokens:,} tokens ({human_count(tokens)}), {docs:,} documents, "
-                                f"{human_bytes(nbytes)} of text, {nbytes / max(1, tokens):.2f} bytes/token")
+        tokens, docs, nbytes = meta[f"{split}_tokens"], meta.get(f"{split}_documents"), meta.get(f"{split}_bytes")
+        row = f"{tokens:,} tokens ({human_count(tokens)})"
+        if docs is not None:
+            row += f", {docs:,} documents"
+        if nbytes is not None:
+            row += f", {human_bytes(nbytes)} of text, {nbytes / max(1, tokens):.2f} bytes/token"
+        rows[f"{split}.bin"] = row
     rows["dtype"] = f"{meta['dtype']} (vocabulary {meta['vocab_size']:,})"
-    rows["split"] = (f"{meta['split_on']} documents, val fraction {meta['val_fraction']}, seed {meta['seed']}; "
-                     f"<eos> after each document")
+    if all(k in meta for k in ("split_on", "val_fraction", "seed")):
+        rows["split"] = (f"{meta['split_on']} documents, val fraction {meta['val_fraction']}, seed {meta['seed']}; "
+                         f"<eos> after each document")
     rows["tokenizer sha256"] = meta["tokenizer_sha256"][:16]
-    rows["sources"] = ", ".join(f"{s['path']} ({human_bytes(s['bytes'])}, sha256 {s['sha256'][:12]})"
-                                for s in meta["sources"][:5]) + (
-        f" and {len(meta['sources']) - 5} more" if len(meta["sources"]) > 5 else "")
+    sources = meta.get("sources") or []
+    if sources:
+        rows["sources"] = ", ".join(f"{s.get('path')} ({human_bytes(s.get('bytes', 0))}, sha256 "
+                                    f"{str(s.get('sha256', ''))[:12]})" for s in sources[:5]) + (
+            f" and {len(sources) - 5} more" if len(sources) > 5 else "")
     if meta.get("invalid_utf8_lines"):
         rows["invalid UTF-8"] = f"{meta['invalid_utf8_lines']} lines ({meta['invalid_utf8']})"
     return rows
