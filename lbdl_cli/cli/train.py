@@ -6,6 +6,7 @@ from the dataclass (cli/options.py) so that a default and its help live in one p
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -34,7 +35,8 @@ def train(
                                          help=optional("Continue the run in this directory from its last/ "
                                                        "checkpoint (or from the start when it was stopped before "
                                                        "its first).")),
-    force: bool = typer.Option(False, "--force", help="Start over in an output directory that holds another run."),
+    force: bool = typer.Option(False, "--force", help="Start over in an output directory that holds another run or "
+                                                      "other files."),
     as_json: bool = JSON_OPTION,
     **fields,
 ):
@@ -50,14 +52,16 @@ def train(
 
     def render():
         baseline = "" if result["unigram_loss"] is None else f"unigram baseline {result['unigram_loss']:.4f}, "
+        initial = "unknown" if result["initial_loss"] is None else f"{result['initial_loss']:.4f}"
+        resumed = "" if result.get("resume_loss") is None else f", {result['resume_loss']:.4f} at the resume"
         console.print(f"{result['steps']} steps ({result['stop_reason']}), {result['tokens']:,} tokens; "
                       f"best val loss {result['best_val_loss']:.4f} at step {result['best_step']} "
-                      f"({baseline}initial {result['initial_loss']:.4f})")
+                      f"({baseline}initial {initial}{resumed})")
         console.print(f"models: {result['run']}/best and {result['run']}/last")
         if "overfit_passed" in result:
             verdict = ("passed" if result["overfit_passed"]
                        else "FAILED: the loss did not approach 0 (a bug, or too few steps)")
-            console.print(f"overfit check: one batch's loss {result['initial_loss']:.4f} -> "
+            console.print(f"overfit check: one batch's loss {initial} -> "
                           f"{result['final_loss']:.4f}: {verdict}")
 
     emit(result, as_json, render)
@@ -76,8 +80,7 @@ def lr_find(
 
     cfg = resolve(config, given(TrainConfig, fields))
     steps = build(LrFindConfig, fields).steps
-    if png:
-        check_out(png, force=True, kind="file")
+    _png_first(png, inputs=(cfg.data, cfg.init_from))
     with progress_view(quiet=as_json) as listen:
         result = run_lr_find(cfg, steps=steps, progress=listen)
     if png:
@@ -100,6 +103,15 @@ def lr_find(
     emit({k: v for k, v in result.items() if k != "chart"}, as_json, render)
 
 
+def _png_first(png: str | None, inputs) -> None:
+    """Before any work: the PNG can be written (and is no input), and matplotlib is there to draw it."""
+    if png:
+        from ..train.plot import pyplot
+
+        check_out(png, force=True, inputs=inputs, kind="file")
+        pyplot()
+
+
 def plot(
     run: str = typer.Argument(..., metavar="RUN", help="Run directory (with metrics.jsonl)."),
     png: Optional[str] = png_option("Write the curves to this PNG file instead of drawing them in the terminal"),
@@ -108,10 +120,10 @@ def plot(
     """Draw the training and validation loss curves of a run."""
     from ..train.plot import load_curves, plot_png, terminal_chart
 
-    if png:
-        check_out(png, force=True, kind="file")
+    metrics = Path(run) / "metrics.jsonl"
+    _png_first(png, inputs=(metrics,))
     curves = load_curves(run)
     if png:
-        plot_png(curves, png)
+        plot_png(curves, png, inputs=(metrics,))
     emit({"run": run, "png": png, **curves}, as_json,
          lambda: console.print(f"wrote {png}") if png else console.print(terminal_chart(curves)))

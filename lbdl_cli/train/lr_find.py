@@ -11,7 +11,7 @@ from ..progress import Progress, report
 from . import distributed
 from .config import LR_FIND_STEPS, TrainConfig
 from .loop import Trainer
-from .plot import _pyplot, save_png, text_chart
+from .plot import pyplot, save_png, text_chart
 from .pretrain import pretraining_parts
 
 GRID = [10 ** (-5 + k / 2) for k in range(11)]  # 1e-5, 3.2e-5, ..., 1
@@ -57,7 +57,7 @@ def lr_find(cfg: TrainConfig, steps: int = LR_FIND_STEPS, lrs: list[float] | Non
 
 
 def plot_lr_find(result: dict, out: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     rows = [r for r in result["rows"] if math.isfinite(r["loss"])]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     ax.semilogx([r["lr"] for r in rows], [r["loss"] for r in rows], marker="o")

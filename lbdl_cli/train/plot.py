@@ -65,14 +65,14 @@ def terminal_chart(curves: dict) -> str:
     return text_chart({"train loss": curves["train"], "val loss": curves["val"]})
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ConfigError("--out PNG needs matplotlib: pip install 'lbdl[plot]' (or leave out --out for a terminal "
+        raise ConfigError("--png needs matplotlib: pip install 'lbdl[plot]' (or leave out --png for a terminal "
                           "chart)") from None
     return plt
 
@@ -85,7 +85,7 @@ def save_png(fig, out: str | os.PathLike, inputs=()) -> None:
 
 def plot_png(curves: dict, out: str, inputs=()) -> None:
     """The loss curves as a PNG; `inputs` (the metrics file) are never written over."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for name, points in (("train", curves["train"]), ("validation", curves["val"])):
         if points:
