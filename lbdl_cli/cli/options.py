@@ -87,8 +87,7 @@ def _input_file(what: str):
 
 
 def complete_model_dirs(incomplete: str) -> list[str]:
-    """Directories under the typed prefix that hold a config.json (model directories), and subdirectories to
-    descend into."""
+    """The directories that complete the typed prefix: model directories, and the folders on the way to them."""
     import os
     from pathlib import Path
 
