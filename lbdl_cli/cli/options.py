@@ -39,7 +39,7 @@ def house_style(command) -> None:
     required argument as {MODEL}."""
     for param in getattr(command, "params", ()):
         if param.param_type_name == "argument":
-            name = param.human_readable_name
+            name = param.metavar or param.name.upper()
             if " " in name:  # a metavar that spells its own usage: generate's "[MODEL] PROMPT"
                 shown = name
             else:
