@@ -121,3 +121,28 @@ def test_import_export_commands(cli, tmp_path):
     assert r.code == 0 and r.json()["architecture"] == "LlamaForCausalLM"
     assert json.loads((tmp_path / "hf2" / "config.json").read_text())["num_key_value_heads"] == 2
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("args,says", [
+    (["init", "--preset", "nano", "--vocab-size", "1000000000", "--out", "m"], "vocab_size must be in [1, 1048576]"),
+    (["generate", "hi", "--max-new-tokens", "1000000000000"], "max_new_tokens must be in [1, 1048576]"),
+    (["lr-find", "--steps", "0"], "steps must be in [1, 10000], got 0"),
+    (["tokenizer", "inspect", "models/default", "--top", "-1"], "top must be in [0, 1048576], got -1"),
+    (["eval", "perplexity", "models/default", "README.md", "--context", "0"], "context must be in [4, 1048576]"),
+    (["init", "--preset", "nano", "--weights-dtype", "float16", "--out", "m"],
+     "weights_dtype must be one of auto, float32, bfloat16, got 'float16'"),
+])
+def test_out_of_range_values_are_refused_with_the_range(cli, args, says, monkeypatch, tmp_path):
+    from conftest import ROOT
+
+    monkeypatch.chdir(ROOT)
+    r = cli(*[a if a != "m" else str(tmp_path / "m") for a in args])
+    assert r.code == 2 and says in r.err and len(r.err.strip().splitlines()) == 1
+    assert not (tmp_path / "m").exists()
+
+
+def test_info_prints_sections_as_text_unwrapped_in_a_pipe(cli, model_dir):
+    r = cli("info", model_dir)
+    assert r.code == 0 and "{'" not in r.out and "tokenizer" in r.out
+    row = next(line for line in r.out.splitlines() if line.startswith("tokenizer"))
+    assert "file tokenizer.model, sha256 " in row and "vocab_size 400" in row  # one line, however long

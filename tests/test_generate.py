@@ -125,3 +125,20 @@ def test_a_sliding_window_is_one_warning_event(model_dir):
     quiet = []
     generate_text(model_dir, "To be", GenerateConfig(temperature=0.0, max_new_tokens=5), progress=collect(quiet))
     assert quiet == []  # it fits: nothing said
+
+
+def test_a_lone_path_is_a_mistyped_model_not_a_prompt(cli, model_dir, tmp_path):
+    """`lbdl generate runs/typo_model` must not run the bundled model on the text "runs/typo_model"."""
+    (tmp_path / "notes.txt").write_text("a file, not a model")
+    for arg in ("runs/typo_model", str(tmp_path / "notes.txt"), str(tmp_path)):
+        r = cli("generate", arg, "-n", "2")
+        assert r.code == 2 and f"{arg} looks like a path but is not a model directory" in r.err and not r.out
+        assert "--model default" in r.err
+    r = cli("generate", model_dir, "-n", "2")  # a model and no prompt
+    assert r.code == 2 and "no prompt given for the model" in r.err
+    r = cli("generate", "runs/nope", "To be", "-n", "2")  # MODEL PROMPT: the model is checked before torch
+    assert r.code == 2 and r.err.strip() == "lbdl: error: model directory runs/nope does not exist"
+    r = cli("generate", "--model", str(model_dir), "runs/typo_model", "-n", "3", "-t", "0", "--json")
+    assert r.code == 0 and r.json()["results"][0]["prompt"] == "runs/typo_model"
+    r = cli("generate", "--model", str(model_dir), "To be", "or not", "-n", "2")
+    assert r.code == 2 and "expected PROMPT (the model is --model's) but got 2 arguments" in r.err
