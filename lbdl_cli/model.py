@@ -301,6 +301,7 @@ class GPT(nn.Module):
         self.norm_f = make_norm(cfg)
         # with tied embeddings the head is tok_emb.weight itself: no extra tensor
         self.lm_head = None if cfg.tie_embeddings else Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.checkpoint_every = 0  # training only: recompute activations in segments of this many blocks
         self.reset_rope()
         if self.tok_emb.weight.device.type != "meta":
             self.apply(self._init_weights)
@@ -352,8 +353,11 @@ class GPT(nn.Module):
             rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
         if self.training:
             x = self.drop(x)
-        for block in self.blocks:
-            x = block(x, rope, cache)
+        if self.checkpoint_every and self.training and cache is None and torch.is_grad_enabled():
+            x = self._checkpointed_blocks(x, rope)
+        else:
+            for block in self.blocks:
+                x = block(x, rope, cache)
         if cache is not None:
             cache.length += T
         if logits_to_keep:
@@ -364,6 +368,28 @@ class GPT(nn.Module):
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+
+    def set_checkpointing(self, every: int) -> None:
+        """Gradient (activation) checkpointing: keep only the input of each segment of `every` blocks in the
+        forward and recompute the segment in the backward (0: off). every=1 keeps the least (one activation per
+        block) and recomputes the most; larger segments keep more inside the segment being recomputed, in
+        exchange for nothing: the cost is one extra forward of the blocks either way."""
+        self.checkpoint_every = every
+
+    def _checkpointed_blocks(self, x, rope):
+        from torch.utils.checkpoint import checkpoint
+
+        def run(first: int, last: int):
+            def segment(h):
+                for block in self.blocks[first:last]:
+                    h = block(h, rope)
+                return h
+            return segment
+
+        n = len(self.blocks)
+        for first in range(0, n, self.checkpoint_every):
+            x = checkpoint(run(first, min(n, first + self.checkpoint_every)), x, use_reentrant=False)
+        return x
 
     def set_dropout(self, p: float) -> None:
         """Change the dropout probability of every dropout site (e.g. to fine-tune)."""

@@ -214,3 +214,27 @@ def test_every_preset_builds_with_the_parameter_count_of_its_shapes():
     assert analytic_params(load_preset("gpt2-124m")[0]) == 124_439_808  # the formula itself, on a known answer
     llama = ModelConfig(**{**TINY_LLAMA, "n_embd": 64})
     assert GPT(llama).num_params() == analytic_params(llama)  # a real model, not the meta build count_params makes
+
+
+@pytest.mark.parametrize("every", [1, 2, 3])
+def test_gradient_checkpointing_gives_the_same_gradients(every):
+    """Recomputing the blocks in the backward (segments of `every`) changes memory, never the numbers: same loss
+    and the same gradients, dropout included (the RNG state is replayed)."""
+    torch.manual_seed(0)
+    model = tiny_model(n_layer=3, dropout=0.1).train()
+    x = torch.randint(0, 97, (2, 16))
+    grads = []
+    for setting in (0, every):
+        model.set_checkpointing(setting)
+        model.zero_grad()
+        torch.manual_seed(1)
+        loss = model(x, targets=x)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss0, g0), (loss1, g1) = grads
+    assert torch.equal(loss0, loss1)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=1e-6, msg=name)
+    model.eval()
+    with torch.no_grad():  # inference is untouched by the setting
+        assert torch.equal(model(x), model.set_checkpointing(0) or model(x))

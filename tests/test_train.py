@@ -581,3 +581,13 @@ def test_plot_terminal_chart(shards, tmp_path, cli):
     assert len(curves["train"]) == 10 and [s for s, _ in curves["val"]] == [5, 10]
     r = cli("plot", tmp_path)
     assert r.code == 2 and "no metrics.jsonl" in r.err
+
+
+def test_gradient_checkpointing_trains_the_same_run(shards, tmp_path):
+    """--grad-checkpoint recomputes activations: the same run, step for step."""
+    runs = []
+    for every, name in ((0, "plain"), (1, "ckpt")):
+        cfg = TrainConfig(data=str(shards), out=str(tmp_path / name), max_steps=3, grad_checkpoint=every,
+                          **{**SMALL, "eval_interval": 3})
+        runs.append(train(cfg))
+    assert runs[0]["best_val_loss"] == pytest.approx(runs[1]["best_val_loss"], abs=1e-6)

@@ -76,6 +76,8 @@ class TrainConfig(Config):
                          choices=DTYPE_CHOICES)
     device: str = device_setting("auto | cpu | cuda (cuda:N).")
     compile: bool = setting(False, "Compile the model with torch.compile.")
+    grad_checkpoint: int = setting(0, "Gradient checkpointing: recompute activations in the backward, in segments of "
+                                      "N blocks (less memory for one more forward; 0: off).", low=0, high=1 << 10)
     fsdp: bool = setting(False, "Under torchrun: shard parameters, gradients and optimizer state (FSDP2).")
     seed: int = setting(1337, "Seed of the initialisation, the data order and dropout.", low=0, high=MAX_SEED)
     peak_tflops: float | None = setting(None, "Peak TFLOP/s for MFU (none: measured by a short matmul probe at "
