@@ -318,10 +318,11 @@ class RecordSampler:
         import torch
 
         index = torch.tensor(self.rows(start, count), dtype=torch.long)
-        x, y = self.ids[index, :-1], self.labels[index, 1:]  # y[t]: the label of the token after position t
+        ids, labels = self.ids[index], self.labels[index]  # (count, context + 1)
         if device != "cpu":
-            x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-        return x, y
+            ids = ids.pin_memory().to(device, non_blocking=True)
+            labels = labels.pin_memory().to(device, non_blocking=True)
+        return ids[:, :-1], labels[:, 1:]  # y[t]: the label of the token after position t
 
 
 def val_batches(rows, batch_size: int, n_batches: int, seed: int) -> list:
