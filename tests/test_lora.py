@@ -303,6 +303,17 @@ def test_load_refuses_another_base_a_wrong_shape_and_a_dir_without_config(tmp_pa
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="has no adapter_config.json"):
         load_adapter(loaded(base), tmp_path / "empty")
+    config = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())
+    (tmp_path / "empty" / ADAPTER_CONFIG).write_text(json.dumps({**config, "peft_type": "IA3"}))
+    with pytest.raises(CheckpointError, match="peft_type 'IA3' is not supported"):
+        load_adapter(loaded(base), tmp_path / "empty")
+    (tmp_path / "empty" / ADAPTER_CONFIG).write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="has no adapter_model.safetensors"):
+        load_adapter(loaded(base), tmp_path / "empty")
+    gpt2 = tiny_model()  # Llama names mean nothing to a GPT-2
+    with pytest.raises(CheckpointError, match="model.layers.0.self_attn.k_proj.lora_A.weight names no linear layer"):
+        load_adapter(gpt2, tmp_path / "adapter")
+    assert not lora_modules(gpt2)  # nothing changed
 
 
 # --- PEFT as the oracle --------------------------------------------------------------------------------------
@@ -363,6 +374,8 @@ def test_lbdl_loads_peft_adapter_with_the_same_logits(tmp_path, family):
     idx = tokens()
     theirs = hf_logits(peft_model, idx)
     model = loaded(base)
+    with torch.no_grad():
+        assert not torch.allclose(model(idx), theirs, atol=1e-3)  # the adapter matters
     report = load_adapter(model, tmp_path / "peft", base_dir=base)
     assert report["config"].rank == 4 and report["config"].alpha == 12
     with torch.no_grad():
