@@ -318,6 +318,14 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def base_sha256(base_dir: str | os.PathLike) -> str:
+    """The content hash of a base model directory's weights (what an adapter records of its base)."""
+    weights = Path(base_dir) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{base_dir} has no {WEIGHTS_FILE}; give the base model directory")
+    return file_sha256(weights)
+
+
 def save_adapter(model: nn.Module, cfg: LoRAConfig, out: str | os.PathLike, base_dir: str | os.PathLike | None = None,
                  force: bool = False) -> dict:
     """Write the PEFT adapter directory of the model's adapters (names of the base's Hugging Face export), with
@@ -346,12 +354,7 @@ def save_adapter(model: nn.Module, cfg: LoRAConfig, out: str | os.PathLike, base
         tensors[f"{PEFT_PREFIX}{hf}.lora_B.weight"] = B.float().contiguous()
     adapted = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in tensors})
     targets = _short_targets(adapted, list(hf_modules(model)))
-    base_sha = None
-    if base_dir is not None:
-        weights = Path(base_dir) / WEIGHTS_FILE
-        if not weights.is_file():
-            raise CheckpointError(f"{base_dir} has no {WEIGHTS_FILE}; give the base model directory")
-        base_sha = file_sha256(weights)
+    base_sha = base_sha256(base_dir) if base_dir is not None else None
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.rank, "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout, "target_modules": targets, "use_rslora": cfg.rslora, "bias": "none",
@@ -432,7 +435,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, base_dir: str
     config, tensors = read_adapter(adapter_dir)
     recorded = config.get("lbdl_base_sha256")
     if base_dir is not None and recorded and not force_base:
-        found = file_sha256(Path(base_dir) / WEIGHTS_FILE)
+        found = base_sha256(base_dir)
         if found != recorded:
             raise CheckpointError(f"{adapter_dir} was trained on another base (sha256 {recorded[:12]}, {base_dir} has "
                                   f"{found[:12]}); give its base, or --force-base if the architecture matches")
