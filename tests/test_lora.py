@@ -49,7 +49,8 @@ def test_config_defaults_ranges_and_round_trip():
     assert (cfg.rank, cfg.alpha, cfg.init) == (8, 16.0, "gaussian")
     assert cfg.targets == ("q_proj", "k_proj", "v_proj", "o_proj")
     assert cfg.scale == 2.0 and LoRAConfig(rank=4, alpha=8, rslora=True).scale == 4.0
-    assert_round_trips(LoRAConfig(rank=3, alpha=5.5, dropout=0.1, rslora=True, init="kaiming", targets=("all-linear",)))
+    assert_round_trips(LoRAConfig(rank=3, alpha=5.5, lora_dropout=0.1, rslora=True, init="kaiming",
+                                  targets=("all-linear",)))
     for bad in ({"rank": 0}, {"alpha": 0}, {"dropout": 1.0}, {"dropout": -0.1}, {"init": "zeros"}, {"targets": []}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             LoRAConfig.from_dict(bad)

@@ -24,7 +24,6 @@ import hashlib
 import math
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,49 +31,13 @@ import torch.nn as nn
 
 from quant.linear import QuantLinear
 
-from .atomic import atomic_dir
-from .checkpoint import WEIGHTS_FILE, open_safetensors, save_tensors, write_json
-from .checkpoint.hf import FAMILIES
-from .config import Config, setting
-from .errors import CheckpointError, ConfigError
-from .files import read_json
-from .model import Linear
-
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-ALL_LINEAR = "all-linear"  # every linear layer but the output head (as PEFT)
-INITS = ("gaussian", "kaiming")
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
-
-
-@dataclass(frozen=True)
-class LoRAConfig(Config):
-    rank: int = setting(8, "LoRA rank R of each adapter pair (A is R x D, B is C x R).", low=1, high=1 << 16)
-    alpha: float = setting(16.0, "LoRA alpha: the update is scaled by alpha / R (alpha / sqrt(R) with --rslora).",
-                           low=0, low_open=True, high=1e6)
-    dropout: float = setting(0.0, "Dropout on the adapters' input, in [0, 1).", low=0, high=1)
-    rslora: bool = setting(False, "rsLoRA: scale by alpha / sqrt(R) instead of alpha / R.")
-    init: str = setting("gaussian", "Initialisation of A: gaussian (std 1/R, PEFT's \"gaussian\") or kaiming "
-                        "(PEFT's default kaiming-uniform); B starts at zero.", choices=INITS)
-    targets: tuple[str, ...] = setting(ATTENTION, "Layers to adapt: module names (q_proj), paths or glob "
-                                       "patterns over them (blocks.*.mlp.*), or all-linear.")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.dropout >= 1:
-            raise ConfigError(f"{self.config_name()}: dropout must be in [0, 1), got {self.dropout:g}")
-        if not self.targets:
-            raise ConfigError(f"{self.config_name()}: targets is empty; name layers (q_proj, ...) or all-linear")
-
-    @property
-    def scale(self) -> float:
-        return lora_scale(self.alpha, self.rank, self.rslora)
-
-
-def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
-    return alpha / (math.sqrt(rank) if rslora else rank)
-
+from ..atomic import atomic_dir
+from ..checkpoint import WEIGHTS_FILE, open_safetensors, save_tensors, write_json
+from ..checkpoint.hf import FAMILIES
+from ..errors import CheckpointError, ConfigError
+from ..files import read_json
+from ..model import Linear
+from .config import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ALL_LINEAR, PEFT_PREFIX, LoRAConfig, lora_scale
 
 # --- the adapted layer -------------------------------------------------------------------------------------------
 
@@ -235,7 +198,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> dict:
     """Wrap the targeted layers in place (every other parameter frozen); {trainable_params, total_params, share,
     modules}."""
     names = resolve_targets(model, cfg.targets)
-    _adapt(model, {n: (cfg.rank, cfg.alpha, cfg.rslora) for n in names}, cfg.dropout, cfg.init)
+    _adapt(model, {n: (cfg.rank, cfg.alpha, cfg.rslora) for n in names}, cfg.lora_dropout, cfg.init)
     return _report(model)
 
 
@@ -357,7 +320,7 @@ def save_adapter(model: nn.Module, cfg: LoRAConfig, out: str | os.PathLike, base
     base_sha = base_sha256(base_dir) if base_dir is not None else None
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.rank, "lora_alpha": cfg.alpha,
-        "lora_dropout": cfg.dropout, "target_modules": targets, "use_rslora": cfg.rslora, "bias": "none",
+        "lora_dropout": cfg.lora_dropout, "target_modules": targets, "use_rslora": cfg.rslora, "bias": "none",
         "fan_in_fan_out": arch == "GPT2LMHeadModel",  # GPT-2's Conv1D stores (in, out)
         "init_lora_weights": "gaussian" if cfg.init == "gaussian" else True,
         "rank_pattern": ranks, "alpha_pattern": alphas, "modules_to_save": None,
@@ -485,11 +448,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, base_dir: str
     lbdl = config.get("lbdl_lora")
     try:
         cfg = LoRAConfig.from_dict(lbdl) if isinstance(lbdl, dict) else LoRAConfig(
-            rank=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=dropout, rslora=rslora,
+            rank=int(config["r"]), alpha=float(config["lora_alpha"]), lora_dropout=dropout, rslora=rslora,
             targets=tuple(specs))
     except ConfigError as e:
         raise CheckpointError(f"{adapter_dir / ADAPTER_CONFIG}: {e}") from None
-    _adapt(model, specs, cfg.dropout, cfg.init, check_rank=False)
+    _adapt(model, specs, cfg.lora_dropout, cfg.init, check_rank=False)
     with torch.no_grad():
         for name, m in lora_modules(model).items():
             m.lora_A.copy_(weights[name][0])
