@@ -239,16 +239,19 @@ class QuantModule(nn.Module):
         return dequantize(self._buffers["weight"], self.fmt, dtype=dtype)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x @ W.T (+ bias), in x's dtype."""
+        """x @ W.T (+ bias), in x's dtype. When a gradient must flow back through x (adapters upstream, QLoRA),
+        W is dequantized in the forward and again in the backward, never kept in between."""
         grad = torch.is_grad_enabled() and x.requires_grad
-        if isinstance(self._form, Int4Planes) and not grad:
+        if grad:
+            y = _DequantizedLinear.apply(x, self)
+        elif isinstance(self._form, Int4Planes):
             if x.device.type != "cpu":
                 raise RuntimeError(f"input on {x.device} but the quantized weight is on cpu; move the model with .to()")
             shape = x.shape
             y = self._form.matmul(x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous())
             y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         elif isinstance(self._form, GroupCodes):
-            y = F.linear(x, self._form.weight(x.dtype, reuse=not grad))
+            y = F.linear(x, self._form.weight(x.dtype, reuse=True))
         else:
             y = F.linear(x, self.dequantize(x.dtype))
         return y if bias is None else y + bias
@@ -308,6 +311,20 @@ class QuantModule(nn.Module):
 def _check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+
+
+class _DequantizedLinear(torch.autograd.Function):
+    """y = x W^T with W a quantized module's weight: the backward dequantizes W again (one layer at a time)
+    instead of the graph holding every layer's float copy until then. The weight is frozen: no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, module):
+        ctx.module = module
+        return F.linear(x, module.dequantize(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.module.dequantize(grad.dtype), None
 
 
 class QuantLinear(QuantModule):

@@ -272,3 +272,28 @@ def test_quantize_model_reports_one_event_per_tensor():
     assert [(e.stage, e.done, e.total, e.unit, e.status) for e in events] == [
         ("quantizing", 1, 2, "tensors", "blocks.0.mlp.up_proj.weight"),
         ("quantizing", 2, 2, "tensors", "blocks.1.mlp.up_proj.weight")]
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "nf4_dq", "q8_0"])
+def test_the_backward_through_a_quantized_layer_dequantizes_again_and_keeps_no_weight(fmt):
+    """QLoRA's frozen base: the gradient reaching x is that of the dequantized weight, and the autograd graph
+    saves no (out x in) float copy of it between the forward and the backward."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    q = QuantLinear.from_linear(linear, fmt)
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = q(x)
+    (y * torch.arange(48.0)).sum().backward()
+    assert (48, 64) not in saved and (64, 48) not in saved
+    w = q.dequantize(torch.float32)
+    x2 = x.detach().clone().requires_grad_(True)
+    (torch.nn.functional.linear(x2, w, q.bias) * torch.arange(48.0)).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x2, w, q.bias), rtol=1e-5, atol=1e-5)

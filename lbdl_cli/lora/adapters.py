@@ -225,6 +225,21 @@ def remove_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+def set_lora_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy lora_state_dict's tensors back into the model's adapters, in place (the optimizer keeps its
+    parameters): how a training run resumes."""
+    found = lora_modules(model)
+    names = {f"{n}.lora_{w}" for n in found for w in "AB"}
+    if set(state) != names:
+        missing, extra = sorted(names - set(state)), sorted(set(state) - names)
+        raise CheckpointError(f"the adapter state does not fit the model's adapters (missing {missing[:3]}, "
+                              f"unexpected {extra[:3]})")
+    with torch.no_grad():
+        for name, m in found.items():
+            m.lora_A.copy_(state[f"{name}.lora_A"])
+            m.lora_B.copy_(state[f"{name}.lora_B"])
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the adapters: {"<lbdl module path>.lora_A": A, ... .lora_B: B}."""
     out = {}
@@ -292,7 +307,14 @@ def base_sha256(base_dir: str | os.PathLike) -> str:
 def save_adapter(model: nn.Module, cfg: LoRAConfig, out: str | os.PathLike, base_dir: str | os.PathLike | None = None,
                  force: bool = False) -> dict:
     """Write the PEFT adapter directory of the model's adapters (names of the base's Hugging Face export), with
-    the content hash of `base_dir`'s model.safetensors; {out, tensors, target_modules}."""
+    the content hash of `base_dir`'s model.safetensors, atomically; {out, tensors, target_modules}."""
+    with atomic_dir(out, force=force, inputs=(base_dir,)) as tmp:
+        result = write_adapter(model, cfg, tmp, base_dir)
+    return {**result, "out": str(out)}
+
+
+def write_adapter(model: nn.Module, cfg: LoRAConfig, dir: Path, base_dir: str | os.PathLike | None = None) -> dict:
+    """save_adapter's files, written into the existing directory `dir` (a training checkpoint's)."""
     found = lora_modules(model)
     if not found:
         raise ConfigError("the model has no LoRA adapters to save; apply_lora or load_adapter first")
@@ -328,10 +350,9 @@ def save_adapter(model: nn.Module, cfg: LoRAConfig, out: str | os.PathLike, base
         "lbdl_base_sha256": base_sha, "lbdl_architecture": arch, "lbdl_lora": cfg.to_dict(),
         "lbdl_fused": fused,  # {fused HF module: [[lbdl layer, its rank], ...]}: how load_adapter splits it back
     }
-    with atomic_dir(out, force=force, inputs=(base_dir,)) as tmp:
-        save_tensors(tensors, tmp / ADAPTER_WEIGHTS)
-        write_json(tmp / ADAPTER_CONFIG, config)
-    return {"out": str(out), "tensors": len(tensors), "target_modules": targets}
+    save_tensors(tensors, Path(dir) / ADAPTER_WEIGHTS)
+    write_json(Path(dir) / ADAPTER_CONFIG, config)
+    return {"out": str(dir), "tensors": len(tensors), "target_modules": targets}
 
 
 def _fuse(parts: list[nn.Module], rslora: bool):

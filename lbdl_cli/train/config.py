@@ -10,8 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from quant.catalog import TYPES
+
 from ..config import DTYPE_CHOICES, MAX_SEED, MAX_TOKENS, Config, device_setting, read_toml, setting
 from ..errors import ConfigError
+from ..lora.config import LoRAConfig
+from ..records import RecordsConfig
 
 SCHEDULES = ("cosine", "constant", "step")
 OVERFIT_STEPS = 200  # --overfit-batch's run length when none is given
@@ -103,6 +107,32 @@ class TrainConfig(Config):
     @property
     def floor_lr(self) -> float:
         return self.base_lr / 10 if self.min_lr is None else self.min_lr
+
+
+METHODS = ("lora", "qlora", "full")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(TrainConfig):
+    """`lbdl finetune MODEL DATA`: every option of `lbdl train` (same names, same TOML file), the method, and the
+    adapters and records as tables of their own ([lora], [records] in TOML; flags on the command line)."""
+
+    method: str = setting("lora", "lora (adapters on the frozen base) | qlora (adapters on the base quantized) | "
+                                  "full (every weight).", choices=METHODS)
+    quant_type: str = setting("nf4_dq", "QLoRA: the frozen base's quantization type.", choices=TYPES)
+    lora: LoRAConfig = setting(LoRAConfig(), "The adapters.", cli=False)
+    records: RecordsConfig = setting(RecordsConfig(), "How the records are read.", cli=False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.preset:
+            raise ConfigError(f"{self.config_name()}: fine-tuning starts from a model (MODEL), not a preset")
+
+    @property
+    def base_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 1e-4 if self.method == "full" else 1e-3
 
 
 @dataclass(frozen=True)
