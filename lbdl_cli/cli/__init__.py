@@ -39,6 +39,8 @@ COMMANDS = {  # name: (module in this package, the line `lbdl --help` shows)
     "lr-find": ("train", "Learning-rate range test: train briefly at each lr of 1e-5..1 (half-decades) and suggest "
                          "one."),
     "plot": ("train", "Draw the training and validation loss curves of a run."),
+    "finetune": ("train", "Fine-tune a model on instruction records: LoRA adapters, QLoRA on a quantized base, or "
+                          "every weight."),
     "generate": ("generate", "Continue a prompt: `lbdl generate [MODEL] PROMPT`. The text streams to the terminal "
                              "as it comes."),
     "eval": ("eval", "Evaluate a model: perplexity of a text, accuracy on a task file."),

@@ -12,8 +12,10 @@ from typing import Optional
 import typer
 
 from ..atomic import check_out
-from ..train.config import LrFindConfig, TrainConfig
-from .options import build, config_options, given, optional, png_option
+from ..lora.config import LoRAConfig
+from ..records import RecordsConfig
+from ..train.config import FinetuneConfig, LrFindConfig, TrainConfig
+from .options import build, config_options, given, model_argument, optional, png_option
 from .output import JSON_OPTION, console, emit, progress_view
 
 CONFIG_OPTION = typer.Option(None, "--config", metavar="FILE",
@@ -27,16 +29,21 @@ def register(app: typer.Typer) -> None:
     app.command("train")(config_options(TrainConfig)(train))
     app.command("lr-find")(config_options(LrFindConfig)(config_options(TrainConfig, skip=LR_FIND_SKIP)(lr_find)))
     app.command("plot")(plot)
+    app.command("finetune")(config_options(RecordsConfig, skip=("seed",))(config_options(LoRAConfig)(
+        config_options(FinetuneConfig, skip=FINETUNE_SKIP)(finetune))))
+
+
+RESUME_OPTION = typer.Option(None, "--resume", metavar="RUN",
+                             help=optional("Continue the run in this directory from its last/ checkpoint (or from "
+                                           "the start when it was stopped before its first)."))
+FORCE_RUN_OPTION = typer.Option(False, "--force", help="Start over in an output directory that holds another run or "
+                                                       "other files.")
 
 
 def train(
     config: Optional[str] = CONFIG_OPTION,
-    resume: Optional[str] = typer.Option(None, "--resume", metavar="RUN",
-                                         help=optional("Continue the run in this directory from its last/ "
-                                                       "checkpoint (or from the start when it was stopped before "
-                                                       "its first).")),
-    force: bool = typer.Option(False, "--force", help="Start over in an output directory that holds another run or "
-                                                      "other files."),
+    resume: Optional[str] = RESUME_OPTION,
+    force: bool = FORCE_RUN_OPTION,
     as_json: bool = JSON_OPTION,
     **fields,
 ):
@@ -49,22 +56,24 @@ def train(
     cfg = resume_config(resume, fields) if resume else resolve(config, fields)
     with progress_view(quiet=as_json) as listen:
         result = run_training(cfg, listen, resume=bool(resume), force=force)
+    emit(result, as_json, lambda: _render_run(result))
 
-    def render():
-        baseline = "" if result["unigram_loss"] is None else f"unigram baseline {result['unigram_loss']:.4f}, "
-        initial = "unknown" if result["initial_loss"] is None else f"{result['initial_loss']:.4f}"
-        resumed = "" if result.get("resume_loss") is None else f", {result['resume_loss']:.4f} at the resume"
-        console.print(f"{result['steps']} steps ({result['stop_reason']}), {result['tokens']:,} tokens; "
-                      f"best val loss {result['best_val_loss']:.4f} at step {result['best_step']} "
-                      f"({baseline}initial {initial}{resumed})")
-        console.print(f"models: {result['run']}/best and {result['run']}/last")
-        if "overfit_passed" in result:
-            verdict = ("passed" if result["overfit_passed"]
-                       else "FAILED: the loss did not approach 0 (a bug, or too few steps)")
-            console.print(f"overfit check: one batch's loss {initial} -> "
-                          f"{result['final_loss']:.4f}: {verdict}")
 
-    emit(result, as_json, render)
+def _render_run(result: dict) -> None:
+    """The summary of a training or fine-tuning run."""
+    baseline = "" if result["unigram_loss"] is None else f"unigram baseline {result['unigram_loss']:.4f}, "
+    initial = "unknown" if result["initial_loss"] is None else f"{result['initial_loss']:.4f}"
+    resumed = "" if result.get("resume_loss") is None else f", {result['resume_loss']:.4f} at the resume"
+    console.print(f"{result['steps']} steps ({result['stop_reason']}), {result['tokens']:,} tokens; "
+                  f"best val loss {result['best_val_loss']:.4f} at step {result['best_step']} "
+                  f"({baseline}initial {initial}{resumed})")
+    what = "adapters" if result.get("method") in ("lora", "qlora") else "models"
+    console.print(f"{what}: {result['run']}/best and {result['run']}/last")
+    if "overfit_passed" in result:
+        verdict = ("passed" if result["overfit_passed"]
+                   else "FAILED: the loss did not approach 0 (a bug, or too few steps)")
+        console.print(f"overfit check: one batch's loss {initial} -> "
+                      f"{result['final_loss']:.4f}: {verdict}")
 
 
 def lr_find(
@@ -101,6 +110,42 @@ def lr_find(
                       f"(the largest that did not diverge)")
 
     emit({k: v for k, v in result.items() if k != "chart"}, as_json, render)
+
+
+FINETUNE_SKIP = ("preset", "init_from", "data")  # MODEL and DATA are its arguments; no preset
+
+
+def finetune(
+    model: Optional[str] = model_argument("The model to fine-tune (its tokenizer reads the records).",
+                                          required=False),
+    data: Optional[str] = typer.Argument(None, metavar="DATA", help="JSONL records: {prompt, completion}, {text} "
+                                         "or {messages} (see --format)."),
+    config: Optional[str] = CONFIG_OPTION,
+    resume: Optional[str] = RESUME_OPTION,
+    force: bool = FORCE_RUN_OPTION,
+    as_json: bool = JSON_OPTION,
+    **fields,
+):
+    """Fine-tune a model on instruction records: LoRA adapters, QLoRA on a quantized base, or every weight."""
+    from ..errors import ConfigError
+    from ..train import resolve
+    from ..train.finetune import finetune as run_finetune
+    from ..train.loop import resume_config
+
+    flags = {**given(FinetuneConfig, fields), "lora": given(LoRAConfig, fields),
+             "records": given(RecordsConfig, fields)}
+    flags = {k: v for k, v in flags.items() if v != {}}
+    if resume:
+        if model or data:
+            raise ConfigError("--resume RUN continues a run with its own MODEL and DATA; give neither")
+        cfg = resume_config(resume, flags, cls=FinetuneConfig)
+    else:
+        if not (model and data):
+            raise ConfigError("give MODEL and DATA: lbdl finetune MODEL DATA --out RUN (or --resume RUN)")
+        cfg = resolve(config, {**flags, "init_from": model, "data": data}, cls=FinetuneConfig)
+    with progress_view(quiet=as_json) as listen:
+        result = {**run_finetune(cfg, listen, resume=bool(resume), force=force), "method": cfg.method}
+    emit(result, as_json, lambda: _render_run(result))
 
 
 def _png_first(png: str | None, inputs) -> None:

@@ -38,6 +38,10 @@ class LoRAConfig(Config):
         if not self.targets:
             raise ConfigError(f"{self.config_name()}: targets is empty; name layers (q_proj, ...) or all-linear")
 
+    @classmethod
+    def config_name(cls) -> str:
+        return "lora config"
+
     @property
     def scale(self) -> float:
         return lora_scale(self.alpha, self.rank, self.rslora)

@@ -142,13 +142,21 @@ class LrFindConfig(Config):
     steps: int = setting(LR_FIND_STEPS, "Optimizer steps per learning rate.", low=1, high=10_000)
 
 
-def resolve(file: str | None, flags: dict) -> TrainConfig:
+def resolve(file: str | None, flags: dict, cls: type[TrainConfig] = TrainConfig) -> TrainConfig:
     """Defaults <- TOML file (its top level or a [train] table; `max-steps` spelt either way) <- the flags given
-    (`cli.options.given`)."""
+    (`cli.options.given`). A table of a nested config (FinetuneConfig's [lora], [records]) merges key by key."""
     values = {}
     if file:
         data, where = read_toml(file)
         data = data["train"] if isinstance(data.get("train"), dict) else data
-        values = TrainConfig.upgrade({k.replace("-", "_"): v for k, v in data.items()}, where)
-        TrainConfig.from_dict(values, where=where)  # names the file in errors
-    return TrainConfig.from_dict({**values, **flags})
+        values = cls.upgrade({k.replace("-", "_"): v for k, v in data.items()}, where)
+        cls.from_dict(values, where=where)  # names the file in errors
+    return cls.from_dict(overlay(values, flags))
+
+
+def overlay(values: dict, changes: dict) -> dict:
+    """`values` with `changes` on top, nested tables merged rather than replaced."""
+    out = dict(values)
+    for key, value in changes.items():
+        out[key] = overlay(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out

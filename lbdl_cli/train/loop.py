@@ -414,12 +414,13 @@ def train(cfg: TrainConfig, progress: Progress | None = None, resume: bool = Fal
         return Trainer(cfg, parts(cfg, dist), dist, progress, resume=resume, force=force).fit()
 
 
-def resume_config(run: str | Path, overrides: dict) -> TrainConfig:
+def resume_config(run: str | Path, overrides: dict, cls: type[TrainConfig] = TrainConfig) -> TrainConfig:
     """The saved config of a run, with the flags given now applied on top."""
+    from .config import overlay
+
     path = Path(run) / state.TRAIN_CONFIG
     if not state.is_run(Path(run)):
         raise ConfigError(f"{run} is not a run directory (no {state.TRAIN_CONFIG}); nothing to resume")
-    values = TrainConfig.upgrade(read_json(path, "run config", error=ConfigError), str(path))
-    values.update(overrides)
-    values["out"] = str(run)
-    return TrainConfig.from_dict(values, where=f"{path}")
+    values = cls.upgrade(read_json(path, "run config", error=ConfigError), str(path))
+    values = overlay(values, {**overrides, "out": str(run)})
+    return cls.from_dict(values, where=f"{path}")

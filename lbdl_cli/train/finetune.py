@@ -1,0 +1,117 @@
+"""Fine-tuning a model on instruction records (LBDL 8.3), on the loop of `lbdl train`: every weight (full), LoRA
+adapters on the frozen base, or QLoRA (the frozen base quantized, each layer's weight dequantized in the forward
+and again in the backward; the adapters and their optimizer state float32).
+
+    result = finetune(FinetuneConfig(init_from="models/default", data="data/tasks/facts-train.jsonl",
+                                     out="runs/facts", method="lora"))
+
+A LoRA run's checkpoints (run/best, run/last) are PEFT adapter directories, with the optimizer and trainer state
+beside them; a full run's are model directories, as `lbdl train`'s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ..checkpoint import TOKENIZER_FILE, load_model, model_tokenizer, save_tensors, write_json
+from ..errors import CheckpointError, ConfigError
+from ..lora import apply_lora, lora_state_dict, set_lora_state, write_adapter
+from ..progress import Progress
+from ..records import RecordSampler, load_records, val_batches
+from . import distributed, state
+from .config import FinetuneConfig
+from .distributed import Dist
+from .parts import Parts
+
+LORA_STATE = "lora_state.safetensors"  # the adapters by lbdl's module names: what a resume copies back
+
+
+def finetune_parts(cfg: FinetuneConfig, dist: Dist) -> Parts:
+    """The parts of `lbdl finetune`: the records of --data, the model of MODEL (quantized for QLoRA), adapted."""
+    if not cfg.init_from or not cfg.data:
+        raise ConfigError("give the model to fine-tune (MODEL) and its records (DATA, a JSONL file)")
+    base_dir = Path(cfg.init_from)
+    model, config = load_model(base_dir, dtype=torch.float32)
+    if "quantization" in config:
+        raise CheckpointError(f"{base_dir} is quantized; fine-tune its unquantized model (--method qlora quantizes "
+                              f"the base itself, with --quant-type)")
+    tok = model_tokenizer(base_dir, config)
+    block_size = model.config.block_size
+    context = cfg.context if cfg.context is not None else block_size
+    if context > block_size:
+        raise ConfigError(f"--context {context} is longer than the model's block_size {block_size}; "
+                          f"use --context {block_size} or less")
+    if cfg.records.val_fraction == 0:
+        raise ConfigError("records val_fraction is 0: fine-tuning needs validation records (evaluation, best/, "
+                          "early stopping); give a val_fraction above 0")
+    records = load_records(cfg.data, tok, context, cfg.records)
+    if cfg.dropout is not None:
+        model.set_dropout(cfg.dropout)
+    if cfg.method == "full":
+        checkpoints = state.ModelDirectories(base_dir / TOKENIZER_FILE, {}, str(cfg.data))
+    else:
+        if cfg.method == "qlora":
+            quantize_base(model, cfg.quant_type)
+        model.requires_grad_(False)
+        torch.manual_seed(cfg.seed)  # A's initialisation: the run's seed, as pretraining's weights
+        apply_lora(model, cfg.lora)
+        checkpoints = AdapterCheckpoints(cfg, base_dir)
+    sampler = RecordSampler(records.train, cfg.seed)
+    B, r = cfg.batch_size, dist.rank
+    val = [(x[r * B:(r + 1) * B], y[r * B:(r + 1) * B])
+           for x, y in val_batches(records.val, B * dist.world, cfg.eval_batches, cfg.seed)]
+    return Parts(model=model, sampler=sampler, n_samples=sampler.n_samples,
+                 samples=f"rows of packed records at context {context}", val=val, context=context,
+                 checkpoints=checkpoints)
+
+
+def quantize_base(model, qtype: str) -> None:
+    """QLoRA's base: every matrix of the blocks in `qtype`; the embeddings and the head stay as they are."""
+    from quant.linear import quantize_model
+
+    types = {f"{name}.weight": qtype for name, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and name.startswith("blocks.")}
+    quantize_model(model, types)
+
+
+@dataclass
+class AdapterCheckpoints:
+    """LoRA's checkpoints: each a PEFT adapter directory (usable as it is: generate/eval --adapter, lora merge)
+    plus the adapters by lbdl's names, the optimizer and the trainer state."""
+
+    cfg: FinetuneConfig
+    base_dir: Path
+
+    def save(self, run: Path, step: int, model, optimizer, trainer: dict, rng: dict, training: dict, best: bool,
+             write: bool) -> None:
+        _, optim_state = distributed.full_state(model, optimizer)
+        if write:
+            def write_state(d: Path) -> None:
+                write_adapter(model, self.cfg.lora, d, self.base_dir)
+                save_tensors({k: v.contiguous() for k, v in lora_state_dict(model).items()}, d / LORA_STATE)
+                write_json(d / "training.json", {**training, "data": str(self.cfg.data)})
+
+            state.save_checkpoint(run, step, write_state, optim_state, trainer, rng, best)
+
+    def load(self, run: Path, model, optimizer) -> tuple[dict, dict]:
+        last = (run / "last").resolve()
+        if not (last / LORA_STATE).is_file():
+            raise CheckpointError(f"{last} has no {LORA_STATE}; it is not a LoRA checkpoint of this run")
+        set_lora_state(model, load_file(str(last / LORA_STATE)))
+        trainer, optim_state, rng = state.load_trainer_state(last)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
+        return trainer, rng
+
+
+def finetune(cfg: FinetuneConfig, progress: Progress | None = None, resume: bool = False,
+             force: bool = False) -> dict:
+    """Run a fine-tuning job on the training loop."""
+    from .loop import train
+
+    return train(cfg, progress, resume=resume, force=force, parts=finetune_parts)

@@ -1,0 +1,100 @@
+"""`lbdl finetune`: LoRA, QLoRA and full fine-tuning on the training loop (train/finetune.py)."""
+
+import json
+
+import pytest
+import torch
+from conftest import ROOT
+from safetensors.torch import load_file
+
+from lbdl_cli.checkpoint import load_model
+from lbdl_cli.lora import LoRAConfig, LoRALinear, load_adapter, lora_modules
+from lbdl_cli.train.config import FinetuneConfig
+from lbdl_cli.train.distributed import Dist
+from lbdl_cli.train.finetune import LORA_STATE, finetune, finetune_parts
+from quant.linear import QuantLinear
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    """Prompt/completion records from the shipped facts set."""
+    path = tmp_path_factory.mktemp("records") / "facts.jsonl"
+    lines = (ROOT / "data" / "tasks" / "facts-train.jsonl").read_text().splitlines()[:120]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def config(model_dir, records, out, **changes):
+    values = dict(init_from=str(model_dir), data=str(records), out=str(out), max_steps=6, batch_size=4,
+                  context=64, eval_interval=3, eval_batches=2, log_interval=1, peak_tflops=1.0,
+                  compute_dtype="float32", lora=LoRAConfig(rank=4, alpha=8))
+    return FinetuneConfig(**{**values, **changes})
+
+
+def test_lora_trains_only_the_adapters_and_writes_peft_directories(model_dir, records, tmp_path):
+    result = finetune(config(model_dir, records, tmp_path / "run"))
+    assert result["steps"] == 6 and result["best_val_loss"] < result["initial_loss"]
+    last = (tmp_path / "run" / "last").resolve()
+    assert {p.name for p in last.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors", LORA_STATE}
+    adapter = json.loads((last / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA" and adapter["r"] == 4 and adapter["lora_alpha"] == 8
+    base, _ = load_model(model_dir)
+    adapted, _ = load_model(model_dir)
+    load_adapter(adapted, last, base_dir=model_dir)
+    x = torch.randint(0, 400, (1, 16))
+    with torch.no_grad():
+        assert not torch.equal(base(x), adapted(x))  # B moved away from zero
+    state = load_file(str(last / LORA_STATE))
+    assert set(state) == {f"{n}.lora_{w}" for n in lora_modules(adapted) for w in "AB"}
+
+
+def test_a_resumed_lora_run_is_bit_identical(model_dir, records, tmp_path):
+    """Stopped after 3 steps and resumed to 6 (a constant lr: the same schedule either way): the adapters and the
+    optimizer restored in place give the very same run."""
+    flat = dict(schedule="constant", warmup=0.0)
+    finetune(config(model_dir, records, tmp_path / "straight", **flat))
+    finetune(config(model_dir, records, tmp_path / "halves", max_steps=3, **flat))
+    finetune(config(model_dir, records, tmp_path / "halves", **flat), resume=True)
+    a = load_file(str(tmp_path / "straight" / "last" / LORA_STATE))
+    b = load_file(str(tmp_path / "halves" / "last" / LORA_STATE))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_qlora_keeps_the_base_quantized_and_trains_float32_adapters(model_dir, records, tmp_path):
+    cfg = config(model_dir, records, tmp_path / "q", method="qlora", quant_type="q8_0")
+    parts = finetune_parts(cfg, Dist())
+    adapted = lora_modules(parts.model)
+    assert adapted and all(isinstance(m.base_layer, QuantLinear) for m in adapted.values())
+    trainable = {n for n, p in parts.model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.lora_{w}" for n in adapted for w in "AB"}
+    assert all(p.dtype == torch.float32 for n, p in parts.model.named_parameters() if n in trainable)
+    result = finetune(cfg)
+    assert result["best_val_loss"] < result["initial_loss"]
+
+
+def test_full_fine_tuning_writes_model_directories(model_dir, records, tmp_path):
+    result = finetune(config(model_dir, records, tmp_path / "full", method="full"))
+    model, cfg = load_model(tmp_path / "full" / "best")
+    assert result["best_val_loss"] < result["initial_loss"] and cfg["training"]["step"] == result["best_step"]
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def test_cli_finetune_and_its_errors(cli, model_dir, records, tmp_path):
+    common = ["--max-steps", "2", "--batch-size", "2", "--context", "64", "--eval-interval", "2", "--eval-batches",
+              "1", "--peak-tflops", "1", "--compute-dtype", "float32"]
+    r = cli("finetune", model_dir, records, "--out", tmp_path / "run", "--rank", "2", "--targets", "q_proj",
+            "--targets", "v_proj", *common, "--json")
+    assert r.code == 0 and r.json()["steps"] == 2
+    adapter = json.loads((tmp_path / "run" / "best" / "adapter_config.json").read_text())
+    assert adapter["r"] == 2 and adapter["target_modules"] == ["c_attn"]  # GPT-2 fuses q, k, v: one pair
+    assert adapter["lbdl_fused"] == {"transformer.h.0.attn.c_attn": [["blocks.0.attn.q_proj", 2],
+                                                                     ["blocks.0.attn.v_proj", 2]],
+                                     "transformer.h.1.attn.c_attn": [["blocks.1.attn.q_proj", 2],
+                                                                     ["blocks.1.attn.v_proj", 2]]}
+    for args, says in [(["--rank", "0"], "lora config: rank must be in [1, 65536], got 0"),
+                       (["--targets", "nope"], "LoRA target 'nope' matches no linear layer"),
+                       (["--method", "qlora", "--quant-type", "q3"], "quant_type must be one of")]:
+        r = cli("finetune", model_dir, records, "--out", tmp_path / "bad", *args, *common)
+        assert r.code == 2 and says in r.err and not (tmp_path / "bad").exists(), r.err
+    r = cli("finetune", model_dir, "--out", tmp_path / "bad")
+    assert r.code == 2 and "give MODEL and DATA" in r.err
