@@ -60,6 +60,18 @@ def device_setting(help: str = "auto (cuda when torch sees one) | cpu | cuda."):
     return setting("auto", help, metavar="DEVICE")
 
 
+def adapter_setting():
+    """The `adapter` field of every command that runs a model: a LoRA adapter applied without merging."""
+    return setting(None, "A LoRA adapter directory (PEFT format: a finetune run's best/, or PEFT's own) applied to "
+                         "the model without merging.", metavar="DIR")
+
+
+def force_base_setting():
+    """With `adapter`: apply it to a base whose content hash is not the one the adapter recorded."""
+    return setting(False, "Apply --adapter even when the base it was trained on had another content hash (the "
+                          "shapes are checked anyway).")
+
+
 def field_types(cls) -> dict[str, object]:
     """The resolved annotation of every field of a config class."""
     return typing.get_type_hints(cls)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from .config import MAX_TOKENS, Config, device_setting, dtype_setting, setting
+from .config import MAX_TOKENS, Config, adapter_setting, device_setting, dtype_setting, force_base_setting, setting
 from .errors import ConfigError, DataError
 from .files import read_jsonl, read_text
 from .progress import Progress, report
@@ -57,6 +57,8 @@ class PerplexityConfig(Config):
     batch_size: int = setting(8, "Windows per forward pass.", low=1, high=1 << 16)
     compute_dtype: str = dtype_setting()
     device: str = device_setting()
+    adapter: str | None = adapter_setting()
+    force_base: bool = force_base_setting()
 
     def __post_init__(self):
         super().__post_init__()
@@ -81,6 +83,8 @@ class TaskConfig(Config):
     show: int = setting(0, "Print the first N records with their completions.", low=0, high=1 << 30)
     compute_dtype: str = dtype_setting()
     device: str = device_setting()
+    adapter: str | None = adapter_setting()
+    force_base: bool = force_base_setting()
 
     @property
     def sampling(self) -> SamplingConfig:
@@ -230,7 +234,8 @@ def perplexity_of_file(model_dir: str | os.PathLike | None, path: str | os.PathL
     """`perplexity` of a model directory (None: the bundled default) on a UTF-8 text file."""
     cfg = cfg or PerplexityConfig()
     text = read_text(path, "text file")
-    model, tok, _ = load_for_inference(model_dir, cfg.compute_dtype, cfg.device, progress=progress)
+    model, tok, _ = load_for_inference(model_dir, cfg.compute_dtype, cfg.device, progress=progress,
+                                       adapter=cfg.adapter, force_base=cfg.force_base)
     ctx = model.config.block_size if cfg.context is None else cfg.context
     ids, byte_args = scoring_inputs(tok, text)
     n_bytes = len(text.encode("utf-8"))
@@ -431,6 +436,7 @@ def task_accuracy_of_file(model_dir: str | os.PathLike | None, path: str | os.Pa
         elif method in ("number", "last-number") and canonical_number(r["answer"]) is None:
             raise DataError(f"{where} answer {r['answer']!r} is not a number; use --extract exact, choice or regex "
                             f"for it")
-    model, tok, _ = load_for_inference(model_dir, cfg.compute_dtype, cfg.device, progress=progress)
+    model, tok, _ = load_for_inference(model_dir, cfg.compute_dtype, cfg.device, progress=progress,
+                                       adapter=cfg.adapter, force_base=cfg.force_base)
     result = task_accuracy(model, tok, records, cfg.sampling, cfg.extract, cfg.pattern, cfg.batch_size, progress)
     return {"model": str(model_dir) if model_dir is not None else "default", "file": str(path), **result}

@@ -460,3 +460,21 @@ def finish_loading(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     except (OSError, AttributeError):  # not glibc: nothing to do
         pass
     return model
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The inverse swap of quantize_model: every quantized module back to a float nn.Linear / nn.Embedding holding
+    its dequantized weight (to merge an adapter into a quantized base, say). In place; returns the model."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QuantLinear):
+            new = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=dtype, device=m.device)
+        elif isinstance(m, QuantEmbedding):
+            new = nn.Embedding(m.num_embeddings, m.embedding_dim, dtype=dtype, device=m.device)
+        else:
+            continue
+        with torch.no_grad():
+            new.weight.copy_(m.dequantize(dtype))
+            if isinstance(m, QuantLinear) and m.bias is not None:
+                new.bias.copy_(m.bias)
+        _swap(model, name, new)
+    return model

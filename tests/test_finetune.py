@@ -98,3 +98,32 @@ def test_cli_finetune_and_its_errors(cli, model_dir, records, tmp_path):
         assert r.code == 2 and says in r.err and not (tmp_path / "bad").exists(), r.err
     r = cli("finetune", model_dir, "--out", tmp_path / "bad")
     assert r.code == 2 and "give MODEL and DATA" in r.err
+
+
+def test_an_adapter_runs_unmerged_as_its_merge_does(cli, model_dir, records, tmp_path):
+    """generate/eval --adapter (unmerged) and `lbdl lora merge` (W + s B A) give the same model."""
+    finetune(config(model_dir, records, tmp_path / "run"))
+    adapter = tmp_path / "run" / "best"
+    r = cli("lora", "merge", model_dir, adapter, "--out", tmp_path / "merged", "--json")
+    assert r.code == 0 and r.json()["merged"] > 0 and not r.json()["dequantized"]
+    text = tmp_path / "t.txt"
+    text.write_text((ROOT / "data" / "tinyshakespeare-val.txt").read_text()[:4000])
+    common = ["--context", "64", "--compute-dtype", "float32", "--json"]
+    unmerged = cli("eval", "perplexity", model_dir, text, "--adapter", adapter, *common).json()["perplexity"]
+    merged = cli("eval", "perplexity", tmp_path / "merged", text, *common).json()["perplexity"]
+    base = cli("eval", "perplexity", model_dir, text, *common).json()["perplexity"]
+    assert unmerged == pytest.approx(merged, rel=1e-5) and unmerged != pytest.approx(base, rel=1e-5)
+    gen = ["To be", "-n", "8", "-t", "0", "--compute-dtype", "float32", "--json"]
+    a = cli("generate", model_dir, *gen, "--adapter", adapter).json()["results"][0]["text"]
+    b = cli("generate", tmp_path / "merged", *gen).json()["results"][0]["text"]
+    assert a == b
+    # another base: the recorded hash differs; --force-base applies it anyway (the shapes fit)
+    r = cli("generate", tmp_path / "merged", *gen, "--adapter", adapter)
+    assert r.code == 2 and "was trained on another base" in r.err and "--force-base" in r.err
+    assert cli("generate", tmp_path / "merged", *gen, "--adapter", adapter, "--force-base").code == 0
+    # merged and quantized again
+    r = cli("lora", "merge", model_dir, adapter, "--out", tmp_path / "q", "--quantize", "q8_0", "--json")
+    assert r.code == 0 and r.json()["quantized"] == "Q8_0"
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]["type"] == "q8_0"
+    r = cli("lora", "merge", model_dir, adapter, "--out", tmp_path / "x", "--quantize", "q3")
+    assert r.code == 2 and "unknown quantization type" in r.err and not (tmp_path / "x").exists()

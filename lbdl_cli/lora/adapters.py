@@ -479,3 +479,29 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, base_dir: str
             m.lora_A.copy_(weights[name][0])
             m.lora_B.copy_(weights[name][1])
     return {**_report(model), "config": cfg}
+
+
+def merge_adapter_dir(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str | os.PathLike,
+                      force: bool = False, force_base: bool = False) -> dict:
+    """MODEL with ADAPTER merged into its weights (W' = W + s B A), saved as a plain model directory of the base's
+    architecture with its tokenizer; a quantized base is dequantized first (float32 out: quantize it again with
+    `lbdl quantize`). Returns {out, merged, params, dequantized}."""
+    from quant.linear import dequantize_model
+
+    from ..atomic import check_out
+    from ..checkpoint import TOKENIZER_FILE, load_model, save_model
+
+    check_out(out, force, inputs=(model_dir, adapter_dir))
+    model, config = load_model(model_dir, dtype=torch.float32)
+    quantized = "quantization" in config
+    if quantized:
+        dequantize_model(model)
+    load_adapter(model, adapter_dir, base_dir=model_dir, force_base=force_base)
+    merged = merge_lora(model)
+    remove_lora(model)
+    sections = {k: v for k, v in config.items() if k not in ("format_version", "model", "quantization", "tokenizer")}
+    sections["adapter"] = {"merged": str(adapter_dir), "base": str(model_dir), "base_quantized": quantized}
+    tokenizer = Path(model_dir) / TOKENIZER_FILE
+    save_model(model, out, tokenizer=tokenizer if tokenizer.is_file() else None, sections=sections, force=force)
+    return {"out": str(out), "merged": merged, "params": sum(p.numel() for p in model.parameters()),
+            "dequantized": quantized}

@@ -13,8 +13,11 @@ if TYPE_CHECKING:
 
 
 def load_for_inference(model_arg: str | os.PathLike | None, dtype: str | torch.dtype | None = None,
-                       device: str | torch.device | None = "cpu", progress: Progress | None = None):
-    """(model, tokenizer, config.json) of a model directory; None = the bundled default model.
+                       device: str | torch.device | None = "cpu", progress: Progress | None = None,
+                       adapter: str | os.PathLike | None = None, force_base: bool = False):
+    """(model, tokenizer, config.json) of a model directory; None = the bundled default model. `adapter`, a LoRA
+    adapter directory, wraps the model's layers without merging (its recorded base hash checked unless
+    `force_base`).
 
     The compute dtype is kernels.compute_dtype's: dtype None or "auto" keeps float32, turns float16 into
     float32 on a CPU, and keeps bfloat16 on a CPU only where this machine computes it faster than float32;
@@ -34,6 +37,11 @@ def load_for_inference(model_arg: str | os.PathLike | None, dtype: str | torch.d
     if note:
         report(progress, "load", message=note, level="warning")
     model, config = load_model(dir, dtype=dtype, device=device)
+    if adapter is not None:
+        from ..lora import load_adapter
+
+        load_adapter(model, adapter, base_dir=dir, force_base=force_base)
+        model.to(device)
     kernels.inference_layout(model.matrices())
     return model, tok, config
 

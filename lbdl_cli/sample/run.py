@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from ..config import device_setting, dtype_setting, setting
+from ..config import adapter_setting, device_setting, dtype_setting, force_base_setting, setting
 from ..errors import ConfigError
 from ..progress import Progress, report
 from .decode import generate, summarize
@@ -36,6 +36,8 @@ class GenerateConfig(SamplingConfig):
     each_line: bool = setting(False, "Every non-empty line of the prompt is a prompt of its own (one batch).")
     compute_dtype: str = dtype_setting()
     device: str = device_setting()
+    adapter: str | None = adapter_setting()
+    force_base: bool = force_base_setting()
 
     @property
     def sampling(self) -> SamplingConfig:
@@ -63,7 +65,8 @@ def generate_text(model_dir: str | os.PathLike | None, prompt: str, cfg: Generat
     cfg = cfg or GenerateConfig()
     prompts = split_prompts(prompt, cfg.each_line)
     sampling = cfg.sampling
-    model, tok, _ = load_for_inference(model_dir, cfg.compute_dtype, cfg.device, progress=progress)
+    model, tok, _ = load_for_inference(model_dir, cfg.compute_dtype, cfg.device, progress=progress,
+                                       adapter=cfg.adapter, force_base=cfg.force_base)
     for i, p in enumerate(prompts):  # refuse a bad prompt before anything is written
         encode_prompt(tok, p, i if len(prompts) > 1 else None)
     stream = on_text is not None and len(prompts) * cfg.num_samples == 1
