@@ -101,7 +101,8 @@ def test_cli_finetune_and_its_errors(cli, model_dir, records, tmp_path):
 
 
 def test_an_adapter_runs_unmerged_as_its_merge_does(cli, model_dir, records, tmp_path):
-    """generate/eval --adapter (unmerged) and `lbdl lora merge` (W + s B A) give the same model."""
+    """generate/eval --adapter (applied at load, nothing written) and `lbdl lora merge` (W + s B A saved) give the
+    same model."""
     finetune(config(model_dir, records, tmp_path / "run"))
     adapter = tmp_path / "run" / "best"
     r = cli("lora", "merge", model_dir, adapter, "--out", tmp_path / "merged", "--json")

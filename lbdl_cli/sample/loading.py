@@ -16,8 +16,8 @@ def load_for_inference(model_arg: str | os.PathLike | None, dtype: str | torch.d
                        device: str | torch.device | None = "cpu", progress: Progress | None = None,
                        adapter: str | os.PathLike | None = None, force_base: bool = False):
     """(model, tokenizer, config.json) of a model directory; None = the bundled default model. `adapter`, a LoRA
-    adapter directory, wraps the model's layers without merging (its recorded base hash checked unless
-    `force_base`).
+    adapter directory, is applied (its recorded base hash checked unless `force_base`) and, on a float base,
+    merged in memory; nothing is written.
 
     The compute dtype is kernels.compute_dtype's: dtype None or "auto" keeps float32, turns float16 into
     float32 on a CPU, and keeps bfloat16 on a CPU only where this machine computes it faster than float32;
@@ -38,9 +38,11 @@ def load_for_inference(model_arg: str | os.PathLike | None, dtype: str | torch.d
         report(progress, "load", message=note, level="warning")
     model, config = load_model(dir, dtype=dtype, device=device)
     if adapter is not None:
-        from ..lora import load_adapter
+        from ..lora import load_adapter, merge_lora
 
         load_adapter(model, adapter, base_dir=dir, force_base=force_base)
+        if "quantization" not in config:  # folded in memory (W + s B A): inference at the base's speed
+            merge_lora(model)  # (a quantized base keeps its kernels and runs the adapter beside them)
         model.to(device)
     kernels.inference_layout(model.matrices())
     return model, tok, config
