@@ -8,6 +8,7 @@ from conftest import ROOT
 from safetensors.torch import load_file
 
 from lbdl_cli.checkpoint import load_model
+from lbdl_cli.errors import CheckpointError
 from lbdl_cli.lora import LoRAConfig, LoRALinear, load_adapter, lora_modules
 from lbdl_cli.train.config import FinetuneConfig
 from lbdl_cli.train.distributed import Dist
@@ -70,6 +71,17 @@ def test_qlora_keeps_the_base_quantized_and_trains_float32_adapters(model_dir, r
     assert all(p.dtype == torch.float32 for n, p in parts.model.named_parameters() if n in trainable)
     result = finetune(cfg)
     assert result["best_val_loss"] < result["initial_loss"]
+    training = json.loads((tmp_path / "q" / "last" / "training.json").read_text())
+    assert training["method"] == "qlora" and training["records"]["template"] == "<|{role}|>\n{content}\n"
+
+
+def test_qlora_starts_from_a_quantized_model_directory_as_it_is(cli, model_dir, records, tmp_path):
+    assert cli("quantize", model_dir, "--type", "q8_0", "--out", tmp_path / "q8").code == 0
+    parts = finetune_parts(config(tmp_path / "q8", records, tmp_path / "run", method="qlora"), Dist())
+    bases = [m.base_layer for m in lora_modules(parts.model).values()]
+    assert bases and all(isinstance(b, QuantLinear) and b.fmt.name.lower() == "q8_0" for b in bases)
+    with pytest.raises(CheckpointError, match="is quantized: fine-tune it with --method qlora"):
+        finetune_parts(config(tmp_path / "q8", records, tmp_path / "run2"), Dist())
 
 
 def test_full_fine_tuning_writes_model_directories(model_dir, records, tmp_path):

@@ -36,9 +36,10 @@ def finetune_parts(cfg: FinetuneConfig, dist: Dist) -> Parts:
         raise ConfigError("give the model to fine-tune (MODEL) and its records (DATA, a JSONL file)")
     base_dir = Path(cfg.init_from)
     model, config = load_model(base_dir, dtype=torch.float32)
-    if "quantization" in config:
-        raise CheckpointError(f"{base_dir} is quantized; fine-tune its unquantized model (--method qlora quantizes "
-                              f"the base itself, with --quant-type)")
+    prequantized = "quantization" in config  # `lbdl quantize`'s output: QLoRA's base as it is, on disk and in memory
+    if prequantized and cfg.method != "qlora":
+        raise CheckpointError(f"{base_dir} is quantized: fine-tune it with --method qlora, or fine-tune its "
+                              f"unquantized model")
     tok = model_tokenizer(base_dir, config)
     block_size = model.config.block_size
     context = cfg.context if cfg.context is not None else block_size
@@ -54,7 +55,7 @@ def finetune_parts(cfg: FinetuneConfig, dist: Dist) -> Parts:
     if cfg.method == "full":
         checkpoints = state.ModelDirectories(base_dir / TOKENIZER_FILE, {}, str(cfg.data))
     else:
-        if cfg.method == "qlora":
+        if cfg.method == "qlora" and not prequantized:
             quantize_base(model, cfg.quant_type)
         model.requires_grad_(False)
         torch.manual_seed(cfg.seed)  # A's initialisation: the run's seed, as pretraining's weights
@@ -93,7 +94,8 @@ class AdapterCheckpoints:
             def write_state(d: Path) -> None:
                 write_adapter(model, self.cfg.lora, d, self.base_dir)
                 save_tensors({k: v.contiguous() for k, v in lora_state_dict(model).items()}, d / LORA_STATE)
-                write_json(d / "training.json", {**training, "data": str(self.cfg.data)})
+                write_json(d / "training.json", {**training, "data": str(self.cfg.data), "method": self.cfg.method,
+                                                 "records": self.cfg.records.to_dict()})  # the chat template too
 
             state.save_checkpoint(run, step, write_state, optim_state, trainer, rng, best)
 
