@@ -19,7 +19,7 @@ def test_help_and_version_do_not_import_torch():
     code = ("import sys; from lbdl_cli.cli import main\n"
             "for args in (['--help'], ['--version'], ['quantize', '--help'], ['quantize', 'sweep', '--help'],\n"
             "             ['generate', '--help'], ['train', '--help'], ['init', '--help'],\n"
-            "             ['eval', 'task', '--help']):\n"
+            "             ['eval', 'task', '--help'], ['finetune', '--help'], ['lora', 'merge', '--help']):\n"
             "    try:\n"
             "        main(args)\n"
             "    except SystemExit as e:\n"
