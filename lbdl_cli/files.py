@@ -49,14 +49,18 @@ def tensor_entries(path: str | os.PathLike) -> dict[str, dict]:
     return {k: v for k, v in safetensors_header(path).items() if k != "__metadata__"}
 
 
-def read_json(path: str | os.PathLike, what: str = "", error: type[LbdlError] = DataError, kind: type = dict):
-    """A JSON file's value (a table unless `kind` says otherwise); one error naming the file, line and column."""
+def _named_text(path: str | os.PathLike, what: str, error: type[LbdlError]) -> tuple[str, str]:
+    """(how errors name the file, its text); read_text's errors raised as `error`."""
     path = Path(path)
-    name = f"{what} {path}" if what else str(path)
     try:
-        text = read_text(path, what)
+        return (f"{what} {path}" if what else str(path)), read_text(path, what)
     except DataError as e:
         raise error(str(e)) from None
+
+
+def read_json(path: str | os.PathLike, what: str = "", error: type[LbdlError] = DataError, kind: type = dict):
+    """A JSON file's value (a table unless `kind` says otherwise); one error naming the file, line and column."""
+    name, text = _named_text(path, what, error)
     try:
         value = json.loads(text.removeprefix("\ufeff"))  # a byte-order mark, as Windows editors write
     except json.JSONDecodeError as e:
@@ -70,12 +74,7 @@ def read_json(path: str | os.PathLike, what: str = "", error: type[LbdlError] = 
 
 def read_jsonl(path: str | os.PathLike, what: str = "", error: type[LbdlError] = DataError):
     """(line number, table) of each non-blank line of a JSON-lines file; one error naming the file and line."""
-    path = Path(path)
-    name = f"{what} {path}" if what else str(path)
-    try:
-        text = read_text(path, what)
-    except DataError as e:
-        raise error(str(e)) from None
+    name, text = _named_text(path, what, error)
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
