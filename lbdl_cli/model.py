@@ -353,7 +353,8 @@ class GPT(nn.Module):
             rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
         if self.training:
             x = self.drop(x)
-        if self.checkpoint_every and self.training and cache is None and torch.is_grad_enabled():
+        checkpointing = bool(self.checkpoint_every and self.training and cache is None and torch.is_grad_enabled())
+        if checkpointing:
             x = self._checkpointed_blocks(x, rope)
         else:
             for block in self.blocks:
@@ -364,6 +365,8 @@ class GPT(nn.Module):
             x = x[:, -logits_to_keep:]  # (B, logits_to_keep, C)
         x = self.norm_f(x)
         head = self.lm_head.weight if self.lm_head is not None else self.tok_emb.weight
+        if checkpointing and targets is not None:
+            return _checkpointed_loss(x, head, targets)
         logits = kernels.linear(x, head)  # (B, T, V)
         if targets is None:
             return logits
@@ -373,7 +376,8 @@ class GPT(nn.Module):
         """Gradient (activation) checkpointing: keep only the input of each segment of `every` blocks in the
         forward and recompute the segment in the backward (0: off). every=1 keeps the least (one activation per
         block) and recomputes the most; larger segments keep more inside the segment being recomputed, in
-        exchange for nothing: the cost is one extra forward of the blocks either way."""
+        exchange for nothing: the cost is one extra forward of the blocks either way. The head and the loss are
+        checkpointed too, in slices of rows (see _checkpointed_loss): the (B, T, V) logits are never whole."""
         self.checkpoint_every = every
 
     def _checkpointed_blocks(self, x, rope):
@@ -429,6 +433,27 @@ class GPT(nn.Module):
             if self.config.positions == "learned":
                 n -= self.pos_emb.weight.numel()
         return n
+
+
+LOSS_SLICE = 1 << 23  # logits per slice of the checkpointed loss: 32 MiB in float32
+
+
+def _slice_loss_sum(x, head, targets):
+    return F.cross_entropy(F.linear(x, head).float(), targets, ignore_index=-100, reduction="sum")
+
+
+def _checkpointed_loss(x, head, targets):
+    """The mean cross-entropy of x (B, T, C) through the head (V, C), computed in slices of rows of at most
+    LOSS_SLICE logits, each recomputed in the backward: the (B, T, V) logits, their log-softmax and its gradient
+    (three times B T V floats, 1.2 GiB for 8 x 256 tokens of GPT-2's vocabulary) never exist at once. The same
+    value as the plain loss up to the order of the sum."""
+    from torch.utils.checkpoint import checkpoint
+
+    x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+    rows = max(1, LOSS_SLICE // head.size(0))
+    total = sum(checkpoint(_slice_loss_sum, x[i:i + rows], head, targets[i:i + rows], use_reentrant=False)
+                for i in range(0, x.size(0), rows))
+    return total / (targets != -100).sum()
 
 
 def count_params(cfg: ModelConfig) -> int:
