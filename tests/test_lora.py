@@ -381,3 +381,26 @@ def test_lbdl_loads_peft_adapter_with_the_same_logits(tmp_path, family):
     assert report["config"].rank == 4 and report["config"].alpha == 12
     with torch.no_grad():
         torch.testing.assert_close(model(idx), theirs, rtol=0, atol=1e-4)
+
+
+def test_adapter_deltas_are_what_merging_adds(tmp_path):
+    """adapter_deltas (the adapter as a task vector, read against a meta-device skeleton) equals merged - base,
+    GPT-2's fused c_attn included."""
+    from lbdl_cli.lora import adapter_deltas
+    from lbdl_cli.model import GPT
+
+    model = tiny_model(n_layer=2)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = LoRAConfig(rank=2, alpha=4, targets=("q_proj", "v_proj", "down_proj"))
+    apply_lora(model, cfg)
+    randomize_B(model)
+    save_adapter(model, cfg, tmp_path / "a")
+    merge_lora(model)
+    remove_lora(model)
+    with torch.device("meta"):
+        skeleton = GPT(model.config)
+    deltas = adapter_deltas(skeleton, tmp_path / "a")
+    assert set(deltas) == {f"blocks.{i}.{n}.weight" for i in range(2)
+                           for n in ("attn.q_proj", "attn.v_proj", "mlp.down_proj")}
+    for name, delta in deltas.items():
+        torch.testing.assert_close(base[name] + delta, model.state_dict()[name], rtol=0, atol=1e-6)

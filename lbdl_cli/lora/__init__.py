@@ -8,7 +8,8 @@ import importlib
 from .config import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ALL_LINEAR, ATTENTION, INITS, PEFT_PREFIX, LoRAConfig, lora_scale
 
 _ADAPTERS = (
-    "LoRALinear", "apply_lora", "base_sha256", "count_params", "file_sha256", "hf_modules", "linear_layers",
+    "LoRALinear", "adapter_deltas", "adapter_layers", "apply_lora", "base_sha256", "count_params", "file_sha256",
+    "hf_modules", "linear_layers",
     "load_adapter", "lora_modules", "lora_state_dict", "merge_adapter_dir", "merge_lora", "read_adapter", "remove_lora",
     "resolve_targets", "save_adapter", "set_lora_state", "unmerge_lora", "write_adapter",
 )

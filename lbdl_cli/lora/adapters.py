@@ -305,15 +305,17 @@ def base_sha256(base_dir: str | os.PathLike) -> str:
 
 
 def save_adapter(model: nn.Module, cfg: LoRAConfig, out: str | os.PathLike, base_dir: str | os.PathLike | None = None,
-                 force: bool = False) -> dict:
+                 force: bool = False, base_quantization: str | None = None) -> dict:
     """Write the PEFT adapter directory of the model's adapters (names of the base's Hugging Face export), with
-    the content hash of `base_dir`'s model.safetensors, atomically; {out, tensors, target_modules}."""
+    the content hash of `base_dir`'s model.safetensors and, for QLoRA, the quantization type the base was
+    trained in (`base_quantization`), atomically; {out, tensors, target_modules}."""
     with atomic_dir(out, force=force, inputs=(base_dir,)) as tmp:
-        result = write_adapter(model, cfg, tmp, base_dir)
+        result = write_adapter(model, cfg, tmp, base_dir, base_quantization)
     return {**result, "out": str(out)}
 
 
-def write_adapter(model: nn.Module, cfg: LoRAConfig, dir: Path, base_dir: str | os.PathLike | None = None) -> dict:
+def write_adapter(model: nn.Module, cfg: LoRAConfig, dir: Path, base_dir: str | os.PathLike | None = None,
+                  base_quantization: str | None = None) -> dict:
     """save_adapter's files, written into the existing directory `dir` (a training checkpoint's)."""
     found = lora_modules(model)
     if not found:
@@ -347,7 +349,8 @@ def write_adapter(model: nn.Module, cfg: LoRAConfig, dir: Path, base_dir: str | 
         "init_lora_weights": "gaussian" if cfg.init == "gaussian" else True,
         "rank_pattern": ranks, "alpha_pattern": alphas, "modules_to_save": None,
         "base_model_name_or_path": str(Path(base_dir).resolve()) if base_dir is not None else None,
-        "lbdl_base_sha256": base_sha, "lbdl_architecture": arch, "lbdl_lora": cfg.to_dict(),
+        "lbdl_base_sha256": base_sha, "lbdl_base_quantization": base_quantization, "lbdl_architecture": arch,
+        "lbdl_lora": cfg.to_dict(),
         "lbdl_fused": fused,  # {fused HF module: [[lbdl layer, its rank], ...]}: how load_adapter splits it back
     }
     save_tensors(tensors, Path(dir) / ADAPTER_WEIGHTS)
@@ -415,6 +418,28 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, base_dir: str
     With `base_dir`, the hash lbdl recorded (lbdl_base_sha256) must be that of its model.safetensors unless
     `force_base`; every tensor's shape is checked against the model. Returns apply_lora's report and the
     `config` (a LoRAConfig)."""
+    cfg, specs, weights = adapter_layers(model, adapter_dir, base_dir, force_base)
+    _adapt(model, specs, cfg.lora_dropout, cfg.init, check_rank=False)
+    with torch.no_grad():
+        for name, m in lora_modules(model).items():
+            m.lora_A.copy_(weights[name][0])
+            m.lora_B.copy_(weights[name][1])
+    return {**_report(model), "config": cfg}
+
+
+def adapter_deltas(model: nn.Module, adapter_dir: str | os.PathLike, base_dir: str | os.PathLike | None = None,
+                   force_base: bool = False) -> dict[str, torch.Tensor]:
+    """{weight name of the model: s B A (out x in, float32)} of a PEFT directory: the adapter as a task vector.
+    `model` only lends its layer names and shapes (a model built on the meta device will do)."""
+    _, specs, weights = adapter_layers(model, adapter_dir, base_dir, force_base)
+    return {f"{name}.weight": lora_scale(alpha, rank, rslora) * (weights[name][1] @ weights[name][0])
+            for name, (rank, alpha, rslora) in specs.items()}
+
+
+def adapter_layers(model: nn.Module, adapter_dir: str | os.PathLike, base_dir: str | os.PathLike | None = None,
+                   force_base: bool = False) -> tuple[LoRAConfig, dict, dict]:
+    """(config, {lbdl layer: (rank, alpha, rslora)}, {lbdl layer: (A, B)}) of a PEFT directory, checked against
+    the model's layers (see load_adapter)."""
     adapter_dir = Path(adapter_dir)
     config, tensors = read_adapter(adapter_dir)
     recorded = config.get("lbdl_base_sha256")
@@ -473,12 +498,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, base_dir: str
             targets=tuple(specs))
     except ConfigError as e:
         raise CheckpointError(f"{adapter_dir / ADAPTER_CONFIG}: {e}") from None
-    _adapt(model, specs, cfg.lora_dropout, cfg.init, check_rank=False)
-    with torch.no_grad():
-        for name, m in lora_modules(model).items():
-            m.lora_A.copy_(weights[name][0])
-            m.lora_B.copy_(weights[name][1])
-    return {**_report(model), "config": cfg}
+    return cfg, specs, weights
 
 
 def merge_adapter_dir(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str | os.PathLike,

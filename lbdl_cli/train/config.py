@@ -105,6 +105,10 @@ class TrainConfig(Config):
         return 1e-4 if self.init_from else 1e-3
 
     @property
+    def checkpoint_every(self) -> int:
+        return self.grad_checkpoint
+
+    @property
     def floor_lr(self) -> float:
         return self.base_lr / 10 if self.min_lr is None else self.min_lr
 
@@ -120,6 +124,9 @@ class FinetuneConfig(TrainConfig):
     method: str = setting("lora", "lora (adapters on the frozen base) | qlora (adapters on the base quantized) | "
                                   "full (every weight).", choices=METHODS)
     quant_type: str = setting("nf4_dq", "QLoRA: the frozen base's quantization type.", choices=TYPES)
+    grad_checkpoint: int | None = setting(None, "Gradient checkpointing: recompute activations in the backward, in "
+                                                "segments of N blocks (0: off; none: 1 with --method qlora, as the "
+                                                "QLoRA recipe, else 0).", low=0, high=1 << 10)
     lora: LoRAConfig = setting(LoRAConfig(), "The adapters.", cli=False)
     records: RecordsConfig = setting(RecordsConfig(), "How the records are read.", cli=False)
 
@@ -133,6 +140,12 @@ class FinetuneConfig(TrainConfig):
         if self.lr is not None:
             return self.lr
         return 1e-4 if self.method == "full" else 1e-3
+
+    @property
+    def checkpoint_every(self) -> int:
+        if self.grad_checkpoint is not None:
+            return self.grad_checkpoint
+        return 1 if self.method == "qlora" else 0
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,8 @@ def finetune_parts(cfg: FinetuneConfig, dist: Dist) -> Parts:
         model.requires_grad_(False)
         torch.manual_seed(cfg.seed)  # A's initialisation: the run's seed, as pretraining's weights
         apply_lora(model, cfg.lora)
-        checkpoints = AdapterCheckpoints(cfg, base_dir)
+        qtype = config["quantization"]["type"] if prequantized else cfg.quant_type if cfg.method == "qlora" else None
+        checkpoints = AdapterCheckpoints(cfg, base_dir, qtype)
     sampler = RecordSampler(records.train, cfg.seed)
     B, r = cfg.batch_size, dist.rank
     val = [(x[r * B:(r + 1) * B], y[r * B:(r + 1) * B])
@@ -77,6 +78,9 @@ def quantize_base(model, qtype: str) -> None:
     types = {f"{name}.weight": qtype for name, m in model.named_modules()
              if isinstance(m, torch.nn.Linear) and name.startswith("blocks.")}
     quantize_model(model, types)
+    with torch.no_grad():  # the float tensors left (embeddings, norms, biases) in memory of their own: load_model's
+        for p in model.parameters():  # are views of the mapped weights file, which would keep every page read
+            p.data = p.data.clone()   # while quantizing (the whole float model) resident
 
 
 @dataclass
@@ -86,13 +90,14 @@ class AdapterCheckpoints:
 
     cfg: FinetuneConfig
     base_dir: Path
+    base_quantization: str | None  # QLoRA: the type the frozen base was trained in
 
     def save(self, run: Path, step: int, model, optimizer, trainer: dict, rng: dict, training: dict, best: bool,
              write: bool) -> None:
         _, optim_state = distributed.full_state(model, optimizer)
         if write:
             def write_state(d: Path) -> None:
-                write_adapter(model, self.cfg.lora, d, self.base_dir)
+                write_adapter(model, self.cfg.lora, d, self.base_dir, self.base_quantization)
                 save_tensors({k: v.contiguous() for k, v in lora_state_dict(model).items()}, d / LORA_STATE)
                 write_json(d / "training.json", {**training, "data": str(self.cfg.data), "method": self.cfg.method,
                                                  "records": self.cfg.records.to_dict()})  # the chat template too

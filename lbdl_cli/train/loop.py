@@ -138,7 +138,7 @@ class Trainer:
         self.tokens_per_step = self.samples_per_step * self.context
         self.total_steps = self._total_steps()
         self.model.to(self.device)
-        self.model.set_checkpointing(cfg.grad_checkpoint)
+        self.model.set_checkpointing(cfg.checkpoint_every)
         self.net = distributed.wrap(self.model, dist, cfg.fsdp)  # before the optimizer: FSDP swaps parameters
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.base_lr,
                                            betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
