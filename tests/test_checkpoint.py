@@ -275,3 +275,40 @@ def test_weights_get_the_permissions_of_every_other_file(tmp_path):
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "m").iterdir()}
     assert modes == {"config.json": 0o644, "model.safetensors": 0o644}  # safetensors alone writes 0600
+
+
+def test_safetensors_writer_streams_what_safetensors_reads(tmp_path):
+    """SafetensorsWriter (one tensor at a time) gives the file safetensors' reader reads back exactly, bfloat16
+    included, and TensorReader reads both its files and safetensors' own; out of order, a wrong shape and a
+    missing tensor are refused."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lbdl_cli.checkpoint.stream import SafetensorsWriter, TensorReader
+    from lbdl_cli.errors import CheckpointError
+
+    tensors = {"b.weight": torch.randn(3, 5), "a.bias": torch.randn(7).to(torch.bfloat16),
+               "codes": torch.randint(0, 255, (2, 9), dtype=torch.uint8), "empty": torch.zeros(0, 4)}
+    path = tmp_path / "m.safetensors"
+    with SafetensorsWriter(path, {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}, {"x": "1"}) as w:
+        for name, t in tensors.items():
+            w.write(name, t)
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"format": "pt", "x": "1"} and set(f.keys()) == set(tensors)
+        for name, t in tensors.items():
+            assert torch.equal(f.get_tensor(name), t), name
+    reader = TensorReader(path)  # and back, one tensor at a time, a file safetensors wrote too
+    assert all(torch.equal(reader.get(name), t) for name, t in tensors.items())
+    save_file(tensors, str(tmp_path / "theirs.safetensors"))
+    theirs = TensorReader(tmp_path / "theirs.safetensors")
+    assert theirs.entries == {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+    assert all(torch.equal(theirs.get(name), t) for name, t in tensors.items())
+    spec = {"a": (torch.float32, (2,)), "b": (torch.float32, (1,))}
+    with pytest.raises(CheckpointError, match="tensor b written out of order: a comes next"):
+        with SafetensorsWriter(tmp_path / "x", spec) as w:
+            w.write("b", torch.zeros(1))
+    with pytest.raises(CheckpointError, match=r"tensor a is torch.float32 \[3\] but the header says torch.float32"):
+        SafetensorsWriter(tmp_path / "y", spec).write("a", torch.zeros(3))
+    with pytest.raises(CheckpointError, match="1 of 2 tensors were never written"):
+        with SafetensorsWriter(tmp_path / "z", spec) as w:
+            w.write("a", torch.zeros(2))
