@@ -42,8 +42,8 @@ OPTIONS = [(path, p) for path, c in COMMANDS_ for p in c.params
 
 def test_every_command_is_walked():
     paths = {path for path, _ in COMMANDS_}
-    assert {"train", "eval perplexity", "quantize model", "quantize sweep", "tokenizer train"} <= paths
-    assert len(paths) == 22 and len(OPTIONS) > 150
+    assert {"train", "eval perplexity", "quantize model", "quantize sweep", "tokenizer train", "merge run"} <= paths
+    assert len(paths) == 23 and len(OPTIONS) > 150
 
 
 @pytest.mark.parametrize("path,option", OPTIONS, ids=lambda v: v if isinstance(v, str) else v.opts[0])

@@ -303,3 +303,9 @@ def test_parity_with_mergekit():
         divisor = (w * mask).sum(0)
         expected = base + (trimmed * mask).sum(0) / torch.where(divisor == 0, 1.0, divisor)
         assert torch.allclose(ties(base, list(base + deltas), ws, 0.5), expected, atol=1e-5)
+
+
+def test_the_config_names_the_registry_s_methods():
+    from lbdl_cli.merge import METHOD_NAMES, METHODS
+
+    assert METHOD_NAMES == tuple(METHODS)  # config.py (torch-free) spells the names the registry defines

@@ -47,6 +47,9 @@ COMMANDS = {  # name: (module in this package, the line `lbdl --help` shows)
     "quantize": ("quantize", "Quantize a model: `lbdl quantize MODEL --type q4_k --out DIR` (see `lbdl quantize "
                              "MODEL --help`), or compare every type: `lbdl quantize sweep MODEL --eval FILE`."),
     "lora": ("lora", "LoRA adapters: merge one into its base model."),
+    "merge": ("merge", "Merge fine-tunes of one base: task arithmetic, TIES, DARE, SLERP, layer recombination: "
+                       "`lbdl merge --base B --model M1 --model M2 --out DIR` (see `lbdl merge run --help`, `lbdl "
+                       "merge --list`)."),
     "convert": ("convert", "Re-save a model with its weights in another dtype (bfloat16 halves the size)."),
     "import": ("convert", "Import a Hugging Face model directory (safetensors, single or sharded)."),
     "export": ("convert", "Export a model for another tool: `--to hf` writes a transformers directory."),

@@ -16,7 +16,7 @@ import inspect
 from typing import Optional
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from ..config import field_types, optional_inner
 from ..errors import ConfigError
@@ -32,6 +32,28 @@ class Group(TyperGroup):
         if rows:
             with formatter.section("Commands"):
                 formatter.write_dl(rows)
+
+
+class DefaultCommandGroup(Group):
+    """A group with a hidden default command: `lbdl quantize MODEL ...` runs its hidden `model` command (the
+    group's first), `lbdl quantize sweep ...` the sweep."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = [next(iter(self.commands)), *args]
+        return super().parse_args(ctx, args)
+
+
+class _ParentPath(typer.Context):
+    """The hidden command's context: usage lines and hints say `lbdl quantize MODEL`, not `lbdl quantize model`."""
+
+    @property
+    def command_path(self) -> str:
+        return self.parent.command_path if self.parent is not None else super().command_path
+
+
+class DefaultCommand(TyperCommand):
+    context_class = _ParentPath
 
 
 def house_style(command) -> None:

@@ -5,36 +5,22 @@ from __future__ import annotations
 import math
 
 import typer
-from typer.core import TyperCommand
 
 from ..quantize import QuantizeConfig, SweepConfig
-from .options import Group, build, config_options, file_option, group, model_argument, out_option
+from .options import (
+    DefaultCommand,
+    DefaultCommandGroup,
+    build,
+    config_options,
+    file_option,
+    group,
+    model_argument,
+    out_option,
+)
 from .output import FORCE_OPTION, JSON_OPTION, console, emit, human_bytes, human_count, note, progress_view
 
-
-class _DefaultCommandGroup(Group):
-    """`lbdl quantize MODEL ...` runs the hidden `model` command; `lbdl quantize sweep ...` the sweep."""
-
-    def parse_args(self, ctx, args):
-        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
-            args = ["model", *args]
-        return super().parse_args(ctx, args)
-
-
-class _ParentPath(typer.Context):
-    """The hidden command's context: usage lines and hints say `lbdl quantize MODEL`, not `lbdl quantize model`."""
-
-    @property
-    def command_path(self) -> str:
-        return self.parent.command_path if self.parent is not None else super().command_path
-
-
-class _DefaultCommand(TyperCommand):
-    context_class = _ParentPath
-
-
 app = group(
-    cls=_DefaultCommandGroup,
+    cls=DefaultCommandGroup,
     help="Quantize a model: `lbdl quantize MODEL --type q4_k --out DIR` (see `lbdl quantize MODEL --help`), "
          "or compare every type: `lbdl quantize sweep MODEL --eval FILE`.",
 )
@@ -44,7 +30,7 @@ def register(root: typer.Typer) -> None:
     root.add_typer(app, name="quantize")
 
 
-@app.command("model", hidden=True, cls=_DefaultCommand)
+@app.command("model", hidden=True, cls=DefaultCommand)
 @config_options(QuantizeConfig)
 def quantize(
     model: str = model_argument("Full-precision model directory."),

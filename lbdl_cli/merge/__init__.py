@@ -1,19 +1,28 @@
-"""Model merging (LBDL 8.4, issue #14). `methods`: the merge methods as tensor functions and their registry,
-loaded on first use (torch), so that importing the package stays torch-free."""
+"""Model merging (LBDL 8.4): `methods` (the merge methods as tensor functions and their registry), `config`
+(MergeConfig, torch-free), `driver` (the streaming merge of model and adapter directories). The torch modules load
+on first use, so that importing the package stays torch-free."""
 
 from __future__ import annotations
 
 import importlib
 
-_METHODS = ("DOT_THRESHOLD", "METHODS", "Method", "Param", "dare_linear", "dare_ties", "describe", "drop_generator",
-            "linear", "merge_tensors", "passthrough", "slerp", "sparsify", "task_arithmetic", "task_merge", "ties")
+from .config import MERGE_CONFIG, METHOD_NAMES, MergeConfig, MergeFlags, MergeModel, Slice, read_merge_config
 
-__all__ = [*_METHODS]
+_LAZY = {
+    "methods": ("DOT_THRESHOLD", "METHODS", "Method", "Param", "dare_linear", "dare_ties", "describe",
+                "drop_generator", "linear", "merge_tensors", "passthrough", "slerp", "sparsify", "task_arithmetic",
+                "task_merge", "ties"),
+    "driver": ("merge",),
+}
+
+__all__ = ["MERGE_CONFIG", "METHOD_NAMES", "MergeConfig", "MergeFlags", "MergeModel", "Slice", "read_merge_config",
+           *(name for names in _LAZY.values() for name in names)]
 
 
 def __getattr__(name: str):
-    if name in _METHODS:
-        value = getattr(importlib.import_module(".methods", __name__), name)
-        globals()[name] = value
-        return value
+    for module, names in _LAZY.items():
+        if name in names:
+            value = getattr(importlib.import_module(f".{module}", __name__), name)
+            globals()[name] = value
+            return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
