@@ -1,4 +1,5 @@
-"""`lbdl merge --base B --model M1 --model M2 --method ties --out DIR` (and `--config merge.toml`, `--list`)."""
+"""`lbdl merge --base B --model M1 --model M2 --method ties --out DIR` (and `--config merge.toml`, `--list`), and
+`lbdl merge search ... --eval TASKS.jsonl --out DIR` (CMA-ES over merge weights or layer recombinations)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from typing import List, Optional
 import typer
 
 from ..errors import ConfigError
-from .options import DefaultCommand, DefaultCommandGroup, group, optional, out_option
+from ..merge.search import SearchConfig
+from .options import DefaultCommand, DefaultCommandGroup, build, config_options, group, optional, out_option
 from .output import FORCE_OPTION, JSON_OPTION, console, emit, progress_view
 
 app = group(
@@ -122,6 +124,34 @@ def merge(
     emit(result, as_json, lambda: console.print(
         f"{result['method']}: {len(result['inputs'])} inputs -> {result['out']} ({result['tensors']} tensors, "
         f"{result['n_layer']} blocks); rerun with `lbdl merge --config {result['out']}/merge.json --out DIR`"))
+
+
+@app.command("search")
+@config_options(SearchConfig)
+def search(
+    base: str = typer.Option(..., "--base", metavar="DIR", help="The model the others were fine-tuned from."),
+    models: list[str] = typer.Option([], "--model", metavar="MODEL", help="A model directory to merge, or a LoRA "
+                                     "adapter directory over --base (repeat for each). [default: none]"),
+    evals: list[str] = typer.Option([], "--eval", metavar="FILE", help="A JSONL task file of {prompt, completion "
+                                    "or answer} records that scores each candidate (repeat: the objective is the "
+                                    "mean). [default: none]"),
+    out: str = out_option("Output directory: the best merge (its merge.json reruns it), search.json, trials.md."),
+    force: bool = FORCE_OPTION,
+    as_json: bool = JSON_OPTION,
+    **fields,
+):
+    """Search merge weights or layer recombinations with CMA-ES, scoring each candidate on task files, and write
+    the best merge (Akiba et al. 2024)."""
+    from ..merge.search import search as run_search
+
+    cfg = build(SearchConfig, fields)
+    with progress_view(quiet=as_json) as listen:
+        result = run_search(base, models, evals, cfg, out=out, force=force, progress=listen)
+    emit(result, as_json, lambda: console.print(
+        f"{result['space']} search, {result['method']}: {result['trials']} trials, best trial "
+        f"{result['best_trial']} with {result['metric']} {result['best_objective']:.4f} (the first had "
+        f"{result['initial_objective']:.4f}) -> {result['out']}; see {result['out']}/trials.md, rerun the merge with "
+        f"`lbdl merge --config {result['out']}/merge.json --out DIR`"))
 
 
 def _render_methods(rows: list[dict]) -> None:
