@@ -333,8 +333,10 @@ class GPT(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None, logits_to_keep: int = 0):
-        """idx (B, T) token ids -> logits (B, T, V), or the mean cross-entropy with targets.
+    def forward(self, idx, targets=None, cache: KVCache | None = None, logits_to_keep: int = 0,
+                reduction: str = "mean"):
+        """idx (B, T) token ids -> logits (B, T, V), or the cross-entropy with targets: the mean over the scored
+        targets (those not -100), or their sum with reduction="sum" (0 when none is scored).
 
         With a cache, idx holds only the new tokens; their positions continue
         from `cache.length`, which advances by T. `logits_to_keep` > 0 applies
@@ -366,11 +368,12 @@ class GPT(nn.Module):
         x = self.norm_f(x)
         head = self.lm_head.weight if self.lm_head is not None else self.tok_emb.weight
         if checkpointing and targets is not None:
-            return _checkpointed_loss(x, head, targets)
+            return _checkpointed_loss(x, head, targets, reduction)
         logits = kernels.linear(x, head)  # (B, T, V)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
+                               reduction=reduction)
 
     def set_checkpointing(self, every: int) -> None:
         """Gradient (activation) checkpointing: keep only the input of each segment of `every` blocks in the
@@ -442,7 +445,7 @@ def _slice_loss_sum(x, head, targets):
     return F.cross_entropy(F.linear(x, head).float(), targets, ignore_index=-100, reduction="sum")
 
 
-def _checkpointed_loss(x, head, targets):
+def _checkpointed_loss(x, head, targets, reduction: str = "mean"):
     """The mean cross-entropy of x (B, T, C) through the head (V, C), computed in slices of rows of at most
     LOSS_SLICE logits, each recomputed in the backward: the (B, T, V) logits, their log-softmax and its gradient
     (three times B T V floats, 1.2 GiB for 8 x 256 tokens of GPT-2's vocabulary) never exist at once. The same
@@ -453,7 +456,7 @@ def _checkpointed_loss(x, head, targets):
     rows = max(1, LOSS_SLICE // head.size(0))
     total = sum(checkpoint(_slice_loss_sum, x[i:i + rows], head, targets[i:i + rows], use_reentrant=False)
                 for i in range(0, x.size(0), rows))
-    return total / (targets != -100).sum()
+    return total if reduction == "sum" else total / (targets != -100).sum()
 
 
 def count_params(cfg: ModelConfig) -> int:

@@ -73,6 +73,17 @@ def test_qlora_keeps_the_base_quantized_and_trains_float32_adapters(model_dir, r
     assert result["best_val_loss"] < result["initial_loss"]
     training = json.loads((tmp_path / "q" / "last" / "training.json").read_text())
     assert training["method"] == "qlora" and training["records"]["template"] == "<|{role}|>\n{content}\n"
+    adapter = json.loads((tmp_path / "q" / "last" / "adapter_config.json").read_text())
+    assert adapter["lbdl_base_quantization"] == "q8_0"
+
+
+def test_qlora_checkpoints_activations_unless_told_otherwise(model_dir, records, tmp_path):
+    def every(method, given):
+        return config(model_dir, records, tmp_path, method=method, grad_checkpoint=given).checkpoint_every
+
+    found = {(method, given): every(method, given) for method in ("lora", "qlora", "full") for given in (None, 0, 2)}
+    assert found == {("lora", None): 0, ("qlora", None): 1, ("full", None): 0, **{(m, g): g for m in
+                     ("lora", "qlora", "full") for g in (0, 2)}}
 
 
 def test_qlora_starts_from_a_quantized_model_directory_as_it_is(cli, model_dir, records, tmp_path):
@@ -80,6 +91,7 @@ def test_qlora_starts_from_a_quantized_model_directory_as_it_is(cli, model_dir, 
     parts = finetune_parts(config(tmp_path / "q8", records, tmp_path / "run", method="qlora"), Dist())
     bases = [m.base_layer for m in lora_modules(parts.model).values()]
     assert bases and all(isinstance(b, QuantLinear) and b.fmt.name.lower() == "q8_0" for b in bases)
+    assert parts.checkpoints.base_quantization == "q8_0"
     with pytest.raises(CheckpointError, match="is quantized: fine-tune it with --method qlora"):
         finetune_parts(config(tmp_path / "q8", records, tmp_path / "run2"), Dist())
 
@@ -140,3 +152,52 @@ def test_an_adapter_runs_unmerged_as_its_merge_does(cli, model_dir, records, tmp
     assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]["type"] == "q8_0"
     r = cli("lora", "merge", model_dir, adapter, "--out", tmp_path / "x", "--quantize", "q3")
     assert r.code == 2 and "unknown quantization type" in r.err and not (tmp_path / "x").exists()
+
+
+def test_accumulated_micro_batches_weigh_every_completion_token_alike(model_dir, records, tmp_path):
+    """Records mask their prompts, so two micro-batches score different counts of tokens: 2 x 2 accumulated must
+    give the run of one batch of 4 (the mean over all scored tokens, not the mean of the two means)."""
+    flat = dict(schedule="constant", warmup=0.0, lora=LoRAConfig(rank=4, alpha=8, lora_dropout=0.0))
+    finetune(config(model_dir, records, tmp_path / "one", batch_size=4, **flat))
+    finetune(config(model_dir, records, tmp_path / "two", batch_size=2, grad_accum=2, **flat))
+
+    def losses(run):
+        return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(a) == 6 and a == pytest.approx(b, abs=1e-5)
+    sa = load_file(str(tmp_path / "one" / "last" / LORA_STATE))
+    sb = load_file(str(tmp_path / "two" / "last" / LORA_STATE))
+    assert max((sa[k] - sb[k]).abs().max().item() for k in sa) < 1e-5
+
+
+def test_two_processes_match_one_process(model_dir, records, tmp_path):
+    """LoRA under torchrun (DDP over the adapters, the base frozen): 2 ranks x batch 2 give the run of 1 x 4."""
+    import os
+    import subprocess
+    import sys
+
+    common = ["--max-steps", "4", "--context", "64", "--eval-interval", "2", "--eval-batches", "2", "--rank", "4",
+              "--peak-tflops", "1", "--compute-dtype", "float32", "--log-interval", "1", "--lora-dropout", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "lbdl_cli", "finetune", str(model_dir), str(records), *common,
+                             "--batch-size", "4", "--out", str(tmp_path / "single")], capture_output=True, text=True,
+                            env=env)
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534",
+                          "-m", "lbdl_cli", "finetune", str(model_dir), str(records), *common, "--batch-size", "2",
+                          "--out", str(tmp_path / "ddp")], capture_output=True, text=True, env=env)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+
+    def metrics(run):
+        return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+    a, b = metrics(tmp_path / "single"), metrics(tmp_path / "ddp")
+    assert [m["step"] for m in a] == [m["step"] for m in b] and len(a) >= 4
+    for x, y in zip(a, b):
+        key = "loss" if "loss" in x else "val_loss"
+        assert x[key] == pytest.approx(y[key], abs=2e-4), (x, y)
+    sa = load_file(str(tmp_path / "single" / "last" / LORA_STATE))
+    sb = load_file(str(tmp_path / "ddp" / "last" / LORA_STATE))
+    assert sa.keys() == sb.keys() and max((sa[k] - sb[k]).abs().max().item() for k in sa) < 1e-4
+    assert max(sa[k].abs().max().item() for k in sa if k.endswith("lora_B")) > 0  # the adapters did train

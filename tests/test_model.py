@@ -170,6 +170,10 @@ def test_loss_ignores_minus_100_targets():
     logits = model(x[:, :-1])
     expected = torch.nn.functional.cross_entropy(logits[0, 4:], targets[0, 4:])
     torch.testing.assert_close(model(x[:, :-1], targets=targets), expected)
+    summed = torch.nn.functional.cross_entropy(logits[0, 4:], targets[0, 4:], reduction="sum")
+    torch.testing.assert_close(model(x[:, :-1], targets=targets, reduction="sum"), summed)
+    model.train().set_checkpointing(1)  # the checkpointed loss sums the same
+    torch.testing.assert_close(model(x[:, :-1], targets=targets, reduction="sum"), summed)
 
 
 def test_dropout_only_in_training():

@@ -294,8 +294,8 @@ def test_ctrl_c_checkpoints_exits_130_and_resumes(shards, tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path, monkeypatch):
     real = Trainer._loss
 
-    def poisoned(self, x, y):
-        loss = real(self, x, y)
+    def poisoned(self, x, y, **kwargs):
+        loss = real(self, x, y, **kwargs)
         return loss * math.nan if self.step >= 7 else loss
 
     monkeypatch.setattr(Trainer, "_loss", poisoned)

@@ -265,21 +265,30 @@ class Trainer:
 
     def train_step(self) -> tuple[float, float, float]:
         """One optimizer step: set the lr, accumulate the gradients of grad_accum micro-batches (this rank's
-        slice of each global batch), clip, update. (mean loss over ranks, gradient norm, lr)."""
+        slice of each global batch), clip, update. (mean loss over ranks, gradient norm, lr).
+
+        The loss is the mean over every scored target of the global batch (all micro-batches, all ranks): each
+        micro-batch adds its sum scaled by world / (the global count of scored targets), which DDP's mean over
+        ranks turns into that mean. Records mask their prompts, so micro-batches score different counts, and the
+        mean of their means would weigh a target by the size of its micro-batch."""
         cfg, d = self.cfg, self.dist
         lr = lr_at(self.step, cfg, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        total = 0.0
+        batches = []
         for micro in range(cfg.grad_accum):
             if cfg.overfit_batch:
                 start = d.rank * cfg.batch_size
             else:
                 start = ((self.step * cfg.grad_accum + micro) * d.world + d.rank) * cfg.batch_size
-            x, y = self.sampler.batch(start, cfg.batch_size, self.device)
+            batches.append(self.sampler.batch(start, cfg.batch_size, self.device))
+        scored = d.sum(float(sum((y != -100).sum().item() for _, y in batches)))
+        scale = d.world / max(scored, 1.0)
+        total = 0.0
+        for micro, (x, y) in enumerate(batches):
             sync = micro == cfg.grad_accum - 1 or not hasattr(self.net, "no_sync")
             with contextlib.nullcontext() if sync else self.net.no_sync():
-                loss = self._loss(x, y) / cfg.grad_accum
+                loss = self._loss(x, y, reduction="sum") * scale
                 loss.backward()
             total += loss.item()
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
@@ -346,9 +355,9 @@ class Trainer:
 
     # --- pieces of the phases -------------------------------------------------------
 
-    def _loss(self, x, y):
+    def _loss(self, x, y, reduction: str = "mean"):
         with autocast(self.device, self.amp):
-            return self.net(x, targets=y)
+            return self.net(x, targets=y, reduction=reduction)
 
     @torch.no_grad()
     def evaluate(self) -> float:
