@@ -1,7 +1,7 @@
 """LoRA and QLoRA training steps: lbdl's adapters against PEFT on transformers, on the same weights.
 
     python benchmarks/bench_lora.py [--presets small,gpt2-124m] [--dtypes float32,bfloat16] [--steps 3]
-                                    [--repeats 2] [--json FILE]
+                                    [--repeats 2] [--malloc-mmap-threshold BYTES] [--json FILE]
 
 A model of each preset (random init, seed 0, no download) is saved once with `save_model` and exported with
 `export_hf`, so both tools start from the same weights. Each measurement is a fresh process (peak resident
@@ -15,7 +15,11 @@ repeat) so that drift and other people's load hit them alike:
   and v are one fused matrix (c_attn) in transformers: PEFT adapts it as one layer (rank 8 on 3C outputs) where
   lbdl adapts q, k and v separately (rank 8 each), so lbdl trains more parameters (the table counts both).
 - lbdl QLoRA: as lbdl LoRA, the base quantized first with `quantize_base(model, "nf4_dq")` (every matrix of the
-  blocks; embeddings and head stay float32). PEFT's QLoRA needs bitsandbytes on CUDA: not compared.
+  blocks; embeddings and head stay float32), and gradient checkpointing of every block and of the loss
+  (`set_checkpointing(1)`), as `lbdl finetune --method qlora` does by default (the QLoRA recipe; PEFT's
+  `prepare_model_for_kbit_training` does the same). PEFT's QLoRA needs bitsandbytes on CUDA: not compared.
+- lbdl LoRA + checkpointing: lbdl LoRA with the same checkpointing, to tell QLoRA's saving by quantization from
+  its saving by checkpointing.
 
 A step is forward, backward, gradient clipping at 1.0, AdamW (lr 1e-4) and zero_grad on a batch of
 --batch x --context random tokens (the same batches for every setting); bfloat16 is
@@ -23,7 +27,10 @@ A step is forward, backward, gradient clipping at 1.0, AdamW (lr 1e-4) and zero_
 setting: the median seconds per step over --steps steps after --warmup (excluded) and over the repeats,
 "peak RSS" (getrusage ru_maxrss of the process: loading and set-up included), "step peak" (the kernel's VmHWM
 reset after set-up: the largest resident size during the steps), the RSS after imports, and the trainable
-parameters. Needs peft and transformers (the `test` extra).
+parameters. glibc's malloc keeps freed memory of a process resident (its mmap threshold grows with the blocks
+freed), so RSS overstates what is live; `--malloc-mmap-threshold 131072` runs every child with that threshold
+fixed (MALLOC_MMAP_THRESHOLD_), which returns each large block on free: RSS then tracks live memory, at the cost of
+page faults (slower steps). Needs peft and transformers (the `test` extra).
 """
 
 from __future__ import annotations
@@ -39,8 +46,9 @@ import tempfile
 import time
 from pathlib import Path
 
-SETTINGS = ("lbdl-lora", "peft-lora", "lbdl-qlora")
-LABELS = {"lbdl-lora": "lbdl LoRA", "peft-lora": "PEFT LoRA", "lbdl-qlora": "lbdl QLoRA (nf4_dq)"}
+SETTINGS = ("lbdl-lora", "peft-lora", "lbdl-qlora", "lbdl-lora-gc")
+LABELS = {"lbdl-lora": "lbdl LoRA", "peft-lora": "PEFT LoRA", "lbdl-qlora": "lbdl QLoRA (nf4_dq, checkpointing)",
+          "lbdl-lora-gc": "lbdl LoRA + checkpointing"}
 
 
 def status_kib(field: str) -> int:
@@ -99,6 +107,8 @@ def child(args) -> dict:
         if args.setting == "lbdl-qlora":
             quantize_base(model, "nf4_dq")
         apply_lora(model, LoRAConfig(rank=args.rank, alpha=args.alpha))
+        if args.setting in ("lbdl-qlora", "lbdl-lora-gc"):
+            model.set_checkpointing(1)
         vocab = model.config.vocab_size
         targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -143,8 +153,12 @@ def measure(setting: str, model_dir: Path, hf_dir: Path, dtype: str, args) -> di
     cmd = [sys.executable, __file__, "--child", setting, "--model-dir", str(model_dir), "--hf-dir", str(hf_dir),
            "--dtype", dtype, "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
            "--context", str(args.context), "--rank", str(args.rank), "--alpha", str(args.alpha)]
+    env = dict(os.environ)
+    if args.malloc_mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     try:
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=args.timeout).stdout
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=args.timeout,
+                             env=env).stdout
     except subprocess.TimeoutExpired:  # recorded as such: emulated bf16 can take minutes a step
         return dict(setting=setting, dtype=dtype, timed_out=args.timeout)
     return json.loads(out.strip().splitlines()[-1])
@@ -199,7 +213,7 @@ def summarize(preset: str, shape: dict, dtype: str, runs: dict[str, list[dict]])
 
 def ratios(rows: list[dict]) -> dict:
     by = {r["setting"]: r for r in rows}
-    lora, peft, qlora = (by.get(s) if by.get(s) and by[s]["s_per_step"] else None for s in SETTINGS)
+    lora, peft, qlora, lora_gc = (by.get(s) if by.get(s) and by[s]["s_per_step"] else None for s in SETTINGS)
     out = {}
     if lora and peft:
         out["speed_vs_peft"] = peft["s_per_step"] / lora["s_per_step"]
@@ -211,6 +225,8 @@ def ratios(rows: list[dict]) -> dict:
         if lora["step_peak_mib"] and qlora["step_peak_mib"]:
             out["qlora_step_peak_vs_lora"] = qlora["step_peak_mib"] / lora["step_peak_mib"]
         out["qlora_time_vs_lora"] = qlora["s_per_step"] / lora["s_per_step"]
+    if lora_gc and qlora:  # the part of QLoRA's saving that quantization makes
+        out["qlora_peak_vs_lora_gc"] = qlora["peak_rss_mib"] / lora_gc["peak_rss_mib"]
     return out
 
 
@@ -232,6 +248,8 @@ def main():
     parser.add_argument("--alpha", type=float, default=16.0)
     parser.add_argument("--timeout", type=float, default=300, help="seconds for one measurement (process); "
                         "one over it is reported as such")
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=0, help="run the children with glibc's "
+                        "MALLOC_MMAP_THRESHOLD_ fixed at this many bytes (0: the default, dynamic)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--child", choices=SETTINGS, dest="setting", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -279,6 +297,8 @@ def main():
           f"processes per setting, alternating")
     print(f"machine: {capabilities()}")
     print(f"load average before {load_before}, after {load_after}; {elapsed:.0f} s in all")
+    threshold = args.malloc_mmap_threshold
+    print(f"malloc: {f'MALLOC_MMAP_THRESHOLD_={threshold}' if threshold else 'glibc default (dynamic threshold)'}")
     for preset, s in shapes.items():
         print(f"`{preset}`: {s['n_layer']} layers, n_embd {s['n_embd']}, vocab {s['vocab_size']}, "
               f"{s['params'] / 1e6:.1f}M parameters")
@@ -296,13 +316,14 @@ def main():
               f"{r['trainable_params']:,} ({100 * r['trainable_params'] / r['total_params']:.2f}%) |")
     print()
     print("| preset | dtype | PEFT s/step / lbdl s/step (>= 1.2) | lbdl / PEFT peak RSS (<= 1) | lbdl / PEFT step peak "
-          "| QLoRA / LoRA peak RSS (<= 0.5) | QLoRA / LoRA step peak | QLoRA / LoRA s/step (<= 2) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+          "| QLoRA / LoRA peak RSS (<= 0.5) | QLoRA / LoRA step peak | QLoRA / LoRA s/step (<= 2) "
+          "| QLoRA / LoRA+checkpointing peak RSS |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for q in ratio_rows:
         print(f"| {q['preset']} | {q['dtype']} | {fmt(q.get('speed_vs_peft'), '.2f')} | "
               f"{fmt(q.get('peak_vs_peft'), '.2f')} | {fmt(q.get('step_peak_vs_peft'), '.2f')} | "
               f"{fmt(q.get('qlora_peak_vs_lora'), '.2f')} | {fmt(q.get('qlora_step_peak_vs_lora'), '.2f')} | "
-              f"{fmt(q.get('qlora_time_vs_lora'), '.2f')} |")
+              f"{fmt(q.get('qlora_time_vs_lora'), '.2f')} | {fmt(q.get('qlora_peak_vs_lora_gc'), '.2f')} |")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(machine=capabilities(), load_before=load_before,
                                                     load_after=load_after, seconds=elapsed, shapes=shapes,
