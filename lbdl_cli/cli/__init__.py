@@ -49,7 +49,7 @@ COMMANDS = {  # name: (module in this package, the line `lbdl --help` shows)
     "lora": ("lora", "LoRA adapters: merge one into its base model."),
     "merge": ("merge", "Merge fine-tunes of one base: task arithmetic, TIES, DARE, SLERP, layer recombination: "
                        "`lbdl merge --base B --model M1 --model M2 --out DIR` (see `lbdl merge run --help`, `lbdl "
-                       "merge --list`)."),
+                       "merge --list`), or search a merge scored on tasks: `lbdl merge search`."),
     "convert": ("convert", "Re-save a model with its weights in another dtype (bfloat16 halves the size)."),
     "import": ("convert", "Import a Hugging Face model directory (safetensors, single or sharded)."),
     "export": ("convert", "Export a model for another tool: `--to hf` writes a transformers directory."),

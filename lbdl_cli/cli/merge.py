@@ -15,7 +15,8 @@ from .output import FORCE_OPTION, JSON_OPTION, console, emit, progress_view
 app = group(
     cls=DefaultCommandGroup,
     help="Merge fine-tunes of one base: task arithmetic, TIES, DARE, SLERP, layer recombination: `lbdl merge "
-         "--base B --model M1 --model M2 --out DIR` (see `lbdl merge run --help`, `lbdl merge --list`).",
+         "--base B --model M1 --model M2 --out DIR` (see `lbdl merge run --help`, `lbdl merge --list`), or search "
+         "a merge scored on tasks: `lbdl merge search`.",
 )
 
 

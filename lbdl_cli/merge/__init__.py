@@ -1,6 +1,7 @@
 """Model merging (LBDL 8.4): `methods` (the merge methods as tensor functions and their registry), `config`
-(MergeConfig, torch-free), `driver` (the streaming merge of model and adapter directories). The torch modules load
-on first use, so that importing the package stays torch-free."""
+(MergeConfig, torch-free), `driver` (the streaming merge of model and adapter directories), `search` (merge search
+by CMA-ES, scored on task files). The torch modules load on first use, so that importing the package stays
+torch-free."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ _LAZY = {
                 "drop_generator", "linear", "merge_tensors", "passthrough", "slerp", "sparsify", "task_arithmetic",
                 "task_merge", "ties"),
     "driver": ("merge",),
+    "search": ("SearchConfig", "search", "score_dir"),
 }
 
 __all__ = ["MERGE_CONFIG", "METHOD_NAMES", "MergeConfig", "MergeFlags", "MergeModel", "Slice", "read_merge_config",

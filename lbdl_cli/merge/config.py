@@ -160,6 +160,7 @@ def at_depth(value: Value, depth: float, what: str):
     if len(value) == 1:
         return float(value[0])
     x = depth * (len(value) - 1)
+    x = round(x) if abs(x - round(x)) < 1e-9 else x  # a list of one value per block gives exactly that value
     i = min(int(x), len(value) - 2)
     return float(value[i] + (x - i) * (value[i + 1] - value[i]))
 
