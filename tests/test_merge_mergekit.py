@@ -20,10 +20,9 @@ torch's global generator) and they rescale the survivors differently (lbdl by 1/
 by |delta|_1 / |masked delta|_1). At density 1 both keep every entry, so dare_linear is task arithmetic and
 dare_ties is TIES without trimming in both tools: that is compared.
 
-Passthrough (blocks 0-1 of one model, then 1-2 of another): the blocks and the embeddings are compared on both
-families. The tensors above the blocks (the final norm, and Llama's untied head) are where the two differ: mergekit
-takes them from the last slice's model (plan.py's post_weights), lbdl from the first slice's. That comparison is
-a strict xfail, so that it fails (and the marker goes) the day lbdl takes mergekit's convention.
+Passthrough (blocks 0-1 of one model, then 1-2 of another): every tensor is compared on both families; both
+tools take the embeddings from the first slice's model and the tensors above the blocks (the final norm, Llama's
+untied head) from the last slice's (mergekit's plan.py, post_weights).
 """
 
 from __future__ import annotations
@@ -215,8 +214,6 @@ def test_passthrough_matches_mergekit_below_the_head(cli, models, family, tmp_pa
         torch.testing.assert_close(theirs[name], ft2[name], atol=1e-6, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="lbdl's passthrough takes the final norm (and an untied head) from the first "
-                                       "slice's model, mergekit from the last slice's")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_passthrough_head_matches_mergekit(cli, models, family, tmp_path):
     ours, theirs = passthrough(cli, models[family], tmp_path)

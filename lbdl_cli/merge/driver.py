@@ -165,9 +165,12 @@ def output_plan(cfg: MergeConfig, sources: dict[str, Source], ref: Source) -> tu
                     out = f"blocks.{k}.{name[len(prefix):]}"
                     plan[out] = (dtype, real_shape(src, name, shape), [(src, name)])
             k += 1
-    head = {n: (d, s, [(ref, n)]) for n, (d, s) in outside.items()}
-    ordered = {n: head[n] for n in head if n.startswith(("tok_emb", "pos_emb"))}
-    return {**ordered, **plan, **{n: v for n, v in head.items() if n not in ordered}}, k
+    # outside the blocks, as mergekit: the embeddings from the first slice's model, the final norm and an untied
+    # head from the last slice's (they were trained on what its blocks output)
+    first, last = sources[cfg.slices[0].model], sources[cfg.slices[-1].model]
+    below = {n: (d, s, [(first, n)]) for n, (d, s) in outside.items() if n.startswith(("tok_emb", "pos_emb"))}
+    above = {n: (d, s, [(last, n)]) for n, (d, s) in outside.items() if n not in below}
+    return {**below, **plan, **above}, k
 
 
 def real_shape(s: Source, name: str, shape: tuple) -> tuple:
