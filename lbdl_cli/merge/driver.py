@@ -4,8 +4,8 @@ at a time (LBDL 8.4; mergekit's streaming).
 Every input is read a tensor at a time (checkpoint.stream.TensorReader: positioned reads, nothing mapped) and
 the output is written a tensor at a time (SafetensorsWriter), so the peak memory grows with the largest tensor,
 not with the model: its (inputs + 1) copies, plus the method's temporaries (TIES's sort of the stacked task
-vectors takes several times more; docs/BENCHMARKS.md measures it). An adapter input is the base plus its s B A (adapter_deltas): a task vector
-without a full fine-tune.
+vectors takes several times more; docs/BENCHMARKS.md measures it). An adapter input is the base plus its
+s B A (adapter_deltas): a task vector without a full fine-tune.
 
     result = merge(MergeConfig(method="ties", base="models/default", models=(MergeModel("runs/a/best"),
                                MergeModel("runs/b/best")), parameters={"density": 0.5}), "merged")
