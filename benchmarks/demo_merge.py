@@ -11,7 +11,7 @@ adapted matrix); `lbdl merge --base models/default --model ADAPTER ...` merges t
 Each task's test file (data/tasks/facts-test.jsonl, arithmetic-test.jsonl) is split in two: the first half (dev)
 is what `lbdl merge search` scores its candidates on, the second half (test) is what every row of the table is
 scored on, so the searched merge is not scored on the records it was tuned on. The score is the mean NLL of the
-completion tokens given the prompt (`merge.search.score_dir`, metric loss: lower is better); each task's "gain"
+completion tokens given the prompt (`merge.score.score_dir`, metric loss: lower is better); each task's "gain"
 is base loss - loss, and "kept" is a merge's gain as a share of that task's own fine-tune's gain.
 
 Rows: base; fine-tune 1 and 2 (each adapter alone, weight 1); task arithmetic (weights 1, 1); TIES and DARE-TIES
@@ -104,7 +104,7 @@ def main():
                    "--out", searched, "--force"], work / "search.log")
     dirs["searched merge"] = searched
 
-    from lbdl_cli.merge.search import score_dir
+    from lbdl_cli.merge.score import score_dir
 
     scores = {}
     for label, d in dirs.items():

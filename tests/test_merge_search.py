@@ -8,7 +8,8 @@ from conftest import tiny_model
 from safetensors.torch import load_file
 
 from lbdl_cli.checkpoint import save_model
-from lbdl_cli.merge.search import Scorer, SearchConfig, Space, read_eval, score_dir, search
+from lbdl_cli.merge.score import Scorer, read_eval, score_dir
+from lbdl_cli.merge.search import SearchConfig, Space, search
 from lbdl_cli.progress import collect
 
 PROMPTS = ["To be", "Good morrow", "What say you", "Come hither", "Alas", "Hark", "Speak", "Farewell"]

@@ -14,7 +14,8 @@ _LAZY = {
                 "drop_generator", "linear", "merge_tensors", "passthrough", "slerp", "sparsify", "task_arithmetic",
                 "task_merge", "ties"),
     "driver": ("merge",),
-    "search": ("SearchConfig", "search", "score_dir"),
+    "search": ("SearchConfig", "search"),
+    "score": ("score_dir",),
 }
 
 __all__ = ["MERGE_CONFIG", "METHOD_NAMES", "MergeConfig", "MergeFlags", "MergeModel", "Slice", "read_merge_config",

@@ -48,17 +48,16 @@ recorded objectives instead of being scored again) and goes on. The file is remo
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import atomic_dir, check_out
 from ..config import Config, device_setting, setting
-from ..errors import ConfigError, DataError
-from ..files import read_jsonl
+from ..errors import ConfigError
 from ..progress import Progress, report
 from .config import MergeConfig, MergeModel
+from .score import Scorer, read_eval
 
 SPACES = ("params", "layers", "both")
 SEARCH_METHODS = ("task_arithmetic", "ties", "dare_ties")
@@ -67,7 +66,6 @@ WEIGHTS = (0.0, 1.5)  # a searched weight's bounds
 DENSITIES = (0.05, 1.0)  # a searched density's bounds
 INITIAL_WEIGHT, INITIAL_DENSITY, INITIAL_SCORE = 1.0, 0.5, 0.5  # the mean of the search (trial 0)
 SEARCH_FILE, TRIALS_FILE, JOURNAL_SUFFIX = "search.json", "trials.md", ".trials.jsonl"
-ROWS = 16  # records per forward pass
 MAX_CMA_SEED = 2**32 - 1  # numpy's RandomState, which cmaes seeds
 NEEDS_EXTRA = "lbdl merge search needs the search extra: pip install 'lbdl[search]'"
 
@@ -240,102 +238,6 @@ def model_from_state(config: dict, state: dict, device):
     model.reset_rope(device=device)
     kernels.inference_layout(model.matrices())
     return model.eval()
-
-
-# --- scoring ------------------------------------------------------------------------------------------------------
-
-
-def read_eval(path: str, metric: str, limit: int | None = None) -> list[dict]:
-    """The first `limit` records of an --eval file: {prompt, completion} for the loss (a record's "answer" as
-    the completion when it has no "completion"), evaluate.load_tasks's records for accuracy."""
-    if metric == "accuracy":
-        from ..evaluate import load_tasks
-
-        return load_tasks(path)[:limit]
-    records = []
-    for n, rec in read_jsonl(path, "eval file"):
-        prompt, completion = rec.get("prompt"), rec.get("completion", rec.get("answer"))
-        if isinstance(completion, (int, float)) and not isinstance(completion, bool) and "completion" not in rec:
-            completion = str(completion)
-        if not isinstance(prompt, str) or not prompt or not isinstance(completion, str):
-            raise DataError(f'eval file {path}:{n}: the loss needs a "prompt" text and a "completion" (or '
-                            f'"answer") text; write {{"prompt": ..., "completion": ...}} records')
-        records.append({"prompt": prompt, "completion": completion})
-        if limit is not None and len(records) >= limit:
-            break
-    if not records:
-        raise DataError(f'eval file {path} holds no records; write one {{"prompt": ..., "completion": ...}} '
-                        f"object per line")
-    return records
-
-
-def loss_batches(records: list[dict], tok, block_size: int) -> list:
-    """[(x, y)]: each record a row (records.pack_examples without packing), y -100 outside the completion and
-    its <eos>; rows as long as the longest record (at most the model's context)."""
-    from ..records import encode_records, pack_examples
-
-    examples = encode_records(records, tok, fmt="completion")
-    context = max(1, min(block_size, max(len(ids) for ids, _ in examples) - 1))
-    pad = tok.pad_id if tok.pad_id >= 0 else tok.eos_id
-    ids, labels = pack_examples(examples, context, pad, pack=False)  # (rows, context + 1) each
-    return [(ids[i:i + ROWS, :-1], labels[i:i + ROWS, 1:]) for i in range(0, len(ids), ROWS)]
-
-
-def mean_loss(model, batches: list) -> float:
-    """Mean NLL (nats) of the scored tokens of `batches`."""
-    import torch
-    import torch.nn.functional as F
-
-    from ..records import IGNORE
-
-    device = model.tok_emb.weight.device
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for x, y in batches:
-            logits = model(x.to(device))  # (B, T, V)
-            nll = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=IGNORE,
-                                  reduction="sum")
-            total += float(nll)
-            count += int((y != IGNORE).sum())
-    return total / count
-
-
-class Scorer:
-    """Scores a model on every --eval file; the objective is their mean."""
-
-    def __init__(self, evals: dict[str, list[dict]], tok, block_size: int, metric: str):
-        self.tok, self.metric = tok, metric
-        self.evals = evals
-        self.batches = {p: loss_batches(r, tok, block_size) for p, r in evals.items()} if metric == "loss" else {}
-
-    def __call__(self, model) -> dict:
-        scores = {p: self.score(model, p) for p in self.evals}
-        objective = sum(scores.values()) / len(scores)
-        return {"scores": scores, "objective": objective if math.isfinite(objective) else math.inf}
-
-    def score(self, model, path: str) -> float:
-        if self.metric == "loss":
-            return mean_loss(model, self.batches[path])
-        from ..evaluate import task_accuracy
-
-        return float(task_accuracy(model, self.tok, self.evals[path], batch_size=ROWS)["accuracy"])
-
-
-def score_dir(model_dir: str, evals: list[str], cfg: SearchConfig | None = None) -> dict:
-    """{"scores", "objective"} of a model directory, scored as the search scores a candidate (float32, the same
-    records): a search's output reproduces its best trial."""
-    import torch
-
-    from .. import kernels
-    from ..checkpoint import load_model, model_tokenizer
-
-    cfg = cfg or SearchConfig()
-    device = kernels.resolve_device(cfg.device)
-    model, config = load_model(model_dir, dtype=torch.float32, device=device)
-    kernels.inference_layout(model.matrices())
-    scorer = Scorer({p: read_eval(p, cfg.metric, cfg.limit) for p in evals}, model_tokenizer(model_dir, config),
-                    model.config.block_size, cfg.metric)
-    return scorer(model.eval())
 
 
 # --- resuming -----------------------------------------------------------------------------------------------------
