@@ -24,13 +24,13 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from .config import MAX_TOKENS, Config, adapter_setting, device_setting, dtype_setting, force_base_setting, setting
 from .errors import ConfigError, DataError
 from .files import read_jsonl, read_text
 from .progress import Progress, report
+from .prompting import EXTRACT_METHODS, _compile, canonical_number, extract_answer, is_correct, resolve_method
 from .sample import SamplingConfig, generate, load_for_inference
 from .sample.run import stop_strings
 
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     import torch
 
 MAX_LOGITS = 1 << 26  # floats of logits per forward pass (256 MB in float32): caps the rows per batch
-EXTRACT_METHODS = ("auto", "exact", "number", "last-number", "choice", "regex")
 
 
 # --- configs ---------------------------------------------------------------------------------
@@ -252,8 +251,6 @@ def perplexity_of_file(model_dir: str | os.PathLike | None, path: str | os.PathL
 
 # --- task accuracy --------------------------------------------------------------------------
 
-DEFAULT_CHOICES = ("A", "B", "C", "D", "E")
-NUMBER_RE = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 
 
 def load_tasks(path: str | os.PathLike) -> list[dict]:
@@ -293,86 +290,6 @@ def load_tasks(path: str | os.PathLike) -> list[dict]:
         raise DataError(f'task file {path} holds no records; write one {{"prompt": ..., "answer": ...}} object '
                         f"per line")
     return records
-
-
-def canonical_number(text) -> str | None:
-    """A number written as text ("1,234.50", "-7") in one canonical form ("1234.5", "-7"); else None."""
-    try:
-        d = Decimal(str(text).strip().replace(",", ""))
-    except InvalidOperation:
-        return None
-    if not d.is_finite():
-        return None
-    d = d.normalize()
-    return format(d.quantize(Decimal(1)) if d == d.to_integral_value() else d, "f")
-
-
-def _compile(pattern: str | None) -> re.Pattern:
-    if not pattern:
-        raise ConfigError("regex extraction needs a pattern (--pattern, or \"pattern\" in the record)")
-    try:
-        return re.compile(pattern)
-    except re.error as e:
-        raise ConfigError(f"invalid regular expression {pattern!r}: {e}") from None
-
-
-def resolve_method(record: dict, method: str) -> str:
-    method = record.get("extract", method)
-    if method != "auto":
-        return method
-    if "choices" in record:
-        return "choice"
-    if canonical_number(record["answer"]) is not None:
-        return "number"
-    return "exact"
-
-
-def extract_answer(text: str, method: str, pattern: str | None = None,
-                   choices: Sequence[str] | None = None) -> str | None:
-    """The answer a completion gives, by `method`; None when it gives none.
-
-    exact: the first line, stripped. number / last-number: the first / last
-    number (commas allowed), canonical. choice: the first of `choices` that
-    stands alone as a word (letters A-E by default). regex: the first match's
-    group 1 (or the whole match).
-    """
-    if method == "exact":
-        line = text.strip().split("\n", 1)[0].strip() if text.strip() else ""
-        return line or None
-    if method in ("number", "last-number"):
-        found = NUMBER_RE.findall(text)
-        if not found:
-            return None
-        return canonical_number(found[0] if method == "number" else found[-1])
-    if method == "choice":
-        labels = [c.strip() for c in (choices or DEFAULT_CHOICES)]
-        alternation = "|".join(re.escape(c) for c in sorted(labels, key=len, reverse=True))
-        flags = 0 if all(len(c) == 1 for c in labels) else re.IGNORECASE
-        m = re.search(rf"(?<!\w)({alternation})(?!\w)", text, flags)
-        if not m:
-            return None
-        return next(c for c in labels if c.lower() == m.group(1).lower()) if flags else m.group(1)
-    if method == "regex":
-        m = _compile(pattern).search(text)
-        if not m:
-            return None
-        return (m.group(1) if m.re.groups else m.group(0)).strip()
-    raise ConfigError(f"unknown extraction {method!r}; choose one of {', '.join(EXTRACT_METHODS)}")
-
-
-def is_correct(predicted: str | None, record: dict, method: str) -> bool:
-    if predicted is None:
-        return False
-    answer = record["answer"]
-    if method in ("number", "last-number"):
-        expected = canonical_number(answer)
-        if expected is None:
-            raise DataError(f"line {record.get('line', '?')}: answer {answer!r} is not a number; "
-                            f"use --extract exact, choice or regex for it")
-        return predicted == expected
-    if method == "choice":
-        return predicted.lower() == str(answer).strip().lower()
-    return predicted == str(answer).strip()
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:
