@@ -30,7 +30,17 @@ from .config import MAX_TOKENS, Config, adapter_setting, device_setting, dtype_s
 from .errors import ConfigError, DataError
 from .files import read_jsonl, read_text
 from .progress import Progress, report
-from .prompting import EXTRACT_METHODS, _compile, canonical_number, extract_answer, is_correct, resolve_method
+from .prompting import (
+    EXTRACT_METHODS,
+    PromptConfig,
+    _compile,
+    build_prompt,
+    canonical_number,
+    extract_answer,
+    is_correct,
+    load_shots,
+    resolve_method,
+)
 from .sample import SamplingConfig, generate, load_for_inference
 from .sample.run import stop_strings
 
@@ -340,10 +350,13 @@ def task_accuracy(model, tokenizer, records: list[dict], config: SamplingConfig 
 
 
 def task_accuracy_of_file(model_dir: str | os.PathLike | None, path: str | os.PathLike, cfg: TaskConfig | None = None,
-                          progress: Progress | None = None) -> dict:
-    """`task_accuracy` of a model directory (None: the bundled default) on a JSONL task file."""
+                          progress: Progress | None = None, prompt: PromptConfig | None = None) -> dict:
+    """`task_accuracy` of a model directory (None: the bundled default) on a JSONL task file. With `prompt`
+    (few-shot, chain-of-thought, an instruction: prompting.build_prompt), each record's prompt is the query of a
+    prompt built to fit the model's context with cfg.max_new_tokens left; the result's "prompt" says how."""
     cfg = cfg or TaskConfig()
     records = load_tasks(path)
+    shots = load_shots(prompt.shots) if prompt is not None and prompt.shots else None  # bad shots before the model
     for r in records:  # the records against --extract and --pattern, before the model loads
         method, where = resolve_method(r, cfg.extract), f"task file {path}:{r['line']}:"
         if method == "regex" and not r.get("pattern", cfg.pattern):
@@ -355,5 +368,14 @@ def task_accuracy_of_file(model_dir: str | os.PathLike | None, path: str | os.Pa
                             f"for it")
     model, tok, _ = load_for_inference(model_dir, cfg.compute_dtype, cfg.device, progress=progress,
                                        adapter=cfg.adapter, force_base=cfg.force_base)
+    built = None
+    if prompt is not None:
+        built = [build_prompt(r["prompt"], prompt, shots, tok, model.config.block_size, cfg.max_new_tokens)
+                 for r in records]
+        records = [{**r, "prompt": b.text} for r, b in zip(records, built)]
     result = task_accuracy(model, tok, records, cfg.sampling, cfg.extract, cfg.pattern, cfg.batch_size, progress)
+    if built is not None:
+        used = [b.shots_used for b in built]
+        result["prompt"] = {**prompt.to_dict(), "shots_used": [min(used), max(used)],
+                            "shots_dropped": max(b.shots_dropped for b in built)}
     return {"model": str(model_dir) if model_dir is not None else "default", "file": str(path), **result}

@@ -398,3 +398,37 @@ def test_eval_bad_input_is_one_line_exit_2(case, cli, model_dir, text_file, tmp_
     assert expected in lines[0]
     if case in TASK_FILES:
         assert f"task file {tasks}" in lines[0]  # the whole path of the file
+
+
+def test_eval_task_builds_few_shot_and_chain_of_thought_prompts(cli, model_dir, tmp_path):
+    """--shots/--n-shots/--cot: each record's prompt is the query of a built prompt (whole shots, dropped to fit
+    the model's context of 64 tokens), the completions are the model's greedy ones for that prompt."""
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text('{"prompt": "Q: What is two and two? A:", "answer": "4"}\n'
+                     '{"prompt": "Q: What is one and one? A:", "answer": "2"}\n')
+    shots = tmp_path / "shots.jsonl"
+    shots.write_text('{"input": "1+2", "output": "3", "cot": "one and two make 3"}\n'
+                     '{"input": "2+3", "output": "5", "cot": "two and three make 5"}\n')
+    common = ["--max-new-tokens", "4", "--compute-dtype", "float32", "--json"]
+    r = cli("eval", "task", model_dir, tasks, "--shots", shots, "--n-shots", "2", *common)
+    assert r.code == 0, r.err
+    result = r.json()
+    assert result["prompt"]["shots_used"] == [2, 2] and result["prompt"]["shots_dropped"] == 0
+    first = result["records"][0]["prompt"]
+    assert first.endswith("\nQ: What is two and two? A:") and first.count("Q: ") == 3 and "Q: 1+2 A: 3" in first
+    r = cli("eval", "task", model_dir, tasks, "--shots", shots, "--n-shots", "1", "--cot", "--trigger", "Steps:",
+            *common)
+    result = r.json()
+    cot = result["records"][1]["prompt"]
+    assert r.code == 0 and result["prompt"]["shots_used"] == [1, 1] and result["prompt"]["cot"]
+    assert cot.endswith("\nQ: What is one and one? A: Steps:") and cot.count("Steps:") == 2
+    assert "one and two make 3" in cot or "two and three make 5" in cot
+    long = tmp_path / "long.jsonl"  # two shots of ~40 tokens each cannot both fit in 64 - 4
+    long.write_text("".join(json.dumps({"input": "To be, or not to be, that is the question " * 2, "output": str(i)})
+                            + "\n" for i in range(2)))
+    r = cli("eval", "task", model_dir, tasks, "--shots", long, "--n-shots", "2", *common)
+    assert r.code == 0 and r.json()["prompt"]["shots_dropped"] >= 1, r.err
+    for args, says in [(["--shots", shots, "--n-shots", "0"], "n_shots 0 with a shots file"),
+                       (["--shots", tasks.with_name("nope.jsonl")], "nope.jsonl")]:
+        r = cli("eval", "task", model_dir, tasks, *args, *common)
+        assert r.code == 2 and says in r.err, r.err

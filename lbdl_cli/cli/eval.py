@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from ..evaluate import PerplexityConfig, TaskConfig
+from ..prompting import PromptConfig
 from .options import build, config_options, file_argument, group, model_argument
 from .output import JSON_OPTION, console, emit, esc, progress_view
 
@@ -47,6 +48,7 @@ def perplexity(
 
 
 @app.command("task")
+@config_options(PromptConfig)
 @config_options(TaskConfig)
 def task(
     model: str = model_argument(),
@@ -58,8 +60,10 @@ def task(
     from ..evaluate import task_accuracy_of_file
 
     cfg = build(TaskConfig, fields)
+    prompt = build(PromptConfig, fields)
+    prompt = prompt if prompt != PromptConfig() else None  # the task file's prompts as they are
     with progress_view(quiet=as_json) as listen:
-        result = task_accuracy_of_file(model, tasks, cfg, listen)
+        result = task_accuracy_of_file(model, tasks, cfg, listen, prompt)
 
     def render():
         from rich.table import Table
@@ -71,6 +75,12 @@ def task(
                               "[green]yes[/green]" if r["correct"] else "[red]no[/red]", esc(repr(r["completion"])))
             console.print(table)
         lo, hi = result["ci95"]
+        if "prompt" in result:
+            p = result["prompt"]
+            lo_s, hi_s = p["shots_used"]
+            shots = f"{lo_s}" if lo_s == hi_s else f"{lo_s}-{hi_s}"
+            console.print(f"prompt: {p['format']}, {shots} shots{', chain of thought' if p['cot'] else ''}"
+                          + (f" ({p['shots_dropped']} dropped to fit the context)" if p["shots_dropped"] else ""))
         console.print(f"[bold]accuracy[/bold] {result['accuracy']:.4f} ({result['correct']}/{result['total']}), "
                       f"95% CI [{lo:.4f}, {hi:.4f}] (Wilson); extraction {result['extract']}, "
                       f"{result['seconds']:.1f} s")
