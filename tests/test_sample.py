@@ -493,3 +493,21 @@ def test_generate_bad_input_is_one_line_exit_2(case, cli, model_dir, tmp_path, m
                 "no-tokenizer": "tokenizer.model", "no-prompt": "no prompt",
                 "missing-prompt-file": "does not exist"}[case]
     assert expected in lines[0]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_samples_share_their_prompt_s_prefill(family, monkeypatch):
+    """num_samples=K prefills each prompt once (K rows of cache copied from it): the same chains, draw for
+    draw, as K copies of the prompt given as K prompts (each prefilled), and one forward over 2 rows, not 6."""
+    model = tiny_model(family=family)
+    config = SamplingConfig(temperature=1.5, max_new_tokens=12, seed=3)
+    shared = generate(model, None, [[5, 6, 7], [8, 9, 10]], config, num_samples=3)
+    copies = generate(model, None, [[5, 6, 7]] * 3 + [[8, 9, 10]] * 3, config)
+    assert [g.token_ids for g in shared] == [g.token_ids for g in copies]
+    assert len({tuple(g.token_ids) for g in shared[:3]}) > 1  # the chains differ
+    rows = []
+    real = type(model).forward
+    monkeypatch.setattr(type(model), "forward", lambda self, idx, *a, **k: rows.append(idx.shape) or real(
+        self, idx, *a, **k))
+    generate(model, None, [[5, 6, 7], [8, 9, 10]], config, num_samples=3)
+    assert rows[0] == (2, 3) and all(r[0] == 6 for r in rows[1:])  # the prefill, then 6 rows a step

@@ -124,6 +124,22 @@ def _generate_batch(*args) -> list[Generation]:
         return _decode(*args)
 
 
+def _shared_prefill(model, prompts, cache, k: int):
+    """Prefill rows that come in runs of k copies of one prompt (a prompt's samples) once per prompt: the
+    forward runs on every k-th row, writing the cache's every k-th row (a strided view of it), then each
+    prompt's keys and values are copied to its other k - 1 rows. The last position's logits (B, V)."""
+    import copy
+
+    view = copy.copy(cache)
+    view.k, view.v = [t[::k] for t in cache.k], [t[::k] for t in cache.v]
+    logits = model(prompts[::k], cache=view, logits_to_keep=1)[:, -1]  # (B / k, V)
+    for t in cache.k + cache.v:
+        runs = t.view(t.shape[0] // k, k, *t.shape[1:])  # (B / k, k, Hkv, max_len, D)
+        runs[:, 1:, :, :view.length] = runs[:, :1, :, :view.length]
+    cache.length = view.length
+    return logits.repeat_interleave(k, dim=0)
+
+
 def _decode(model, tokenizer, prompt_ids: list[list[int]], rows, num_samples, config, generator,
             on_token, notice) -> list[Generation]:
     """Generate for rows whose prompts all have the same length: one cache, one batch."""
@@ -165,7 +181,10 @@ def _decode(model, tokenizer, prompt_ids: list[list[int]], rows, num_samples, co
     if L > block:
         slides += 1
         notice(context_message())
-    logits = model(history[:, max(0, L - block):L], cache=cache, logits_to_keep=1)[:, -1]  # (B, V)
+    if num_samples > 1 and L <= block:  # the samples of a prompt share its prefill
+        logits = _shared_prefill(model, history[:, :L], cache, num_samples)
+    else:
+        logits = model(history[:, max(0, L - block):L], cache=cache, logits_to_keep=1)[:, -1]  # (B, V)
     tok = pick(logits)
     _sync(device)
     t1 = time.perf_counter()
