@@ -26,7 +26,16 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from .config import MAX_TOKENS, Config, adapter_setting, device_setting, dtype_setting, force_base_setting, setting
+from .config import (
+    MAX_SEED,
+    MAX_TOKENS,
+    Config,
+    adapter_setting,
+    device_setting,
+    dtype_setting,
+    force_base_setting,
+    setting,
+)
 from .errors import ConfigError, DataError
 from .files import read_jsonl, read_text
 from .progress import Progress, report
@@ -39,6 +48,7 @@ from .prompting import (
     extract_answer,
     is_correct,
     load_shots,
+    majority_vote,
     resolve_method,
 )
 from .sample import SamplingConfig, generate, load_for_inference
@@ -87,6 +97,11 @@ class TaskConfig(Config):
     pattern: str | None = setting(None, "Regular expression for --extract regex (group 1 is the answer).",
                                   metavar="REGEX")
     max_new_tokens: int = setting(32, "Tokens per completion at most.", low=1, high=MAX_TOKENS)
+    temperature: float = setting(0.0, "Sampling temperature of the completions; 0 = greedy.", low=0, high=100)
+    self_consistency: int = setting(1, "Self-consistency: sample K chains per record (sharing the prompt's "
+                                       "prefill) and take the majority of their answers; needs --temperature above "
+                                       "0.", low=1, high=1 << 10, metavar="K")
+    seed: int = setting(0, "Seed of the sampled chains and of the shots' selection.", low=0, high=MAX_SEED)
     stop: tuple[str, ...] = setting(("\\n",), "Stop strings, as typed on a command line (\\n is a line break).")
     batch_size: int = setting(8, "Prompts per generate() call.", low=1, high=1 << 16)
     show: int = setting(0, "Print the first N records with their completions.", low=0, high=1 << 30)
@@ -95,10 +110,17 @@ class TaskConfig(Config):
     adapter: str | None = adapter_setting()
     force_base: bool = force_base_setting()
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.self_consistency > 1 and self.temperature == 0:
+            raise ConfigError(f"self-consistency with {self.self_consistency} chains at temperature 0: every chain "
+                              f"would be the same; give --temperature above 0 (e.g. 0.7)")
+
     @property
     def sampling(self) -> SamplingConfig:
-        """The greedy SamplingConfig of the completions."""
-        return SamplingConfig(temperature=0.0, max_new_tokens=self.max_new_tokens, stop=stop_strings(self.stop))
+        """The SamplingConfig of the completions (greedy unless a temperature is given)."""
+        return SamplingConfig(temperature=self.temperature, max_new_tokens=self.max_new_tokens,
+                              stop=stop_strings(self.stop), seed=self.seed)
 
 
 # --- perplexity ------------------------------------------------------------------------------
@@ -315,13 +337,18 @@ def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[floa
 
 def task_accuracy(model, tokenizer, records: list[dict], config: SamplingConfig | None = None,
                   extract: str = TaskConfig.extract, pattern: str | None = None,
-                  batch_size: int = TaskConfig.batch_size, progress: Progress | None = None) -> dict:
-    """Exact-match accuracy of greedy completions of `records` (see load_tasks), with a 95% CI.
-    `config` None: TaskConfig's greedy completions."""
+                  batch_size: int = TaskConfig.batch_size, progress: Progress | None = None,
+                  chains: int = 1) -> dict:
+    """Exact-match accuracy of the completions of `records` (see load_tasks), with a 95% CI. `config` None:
+    TaskConfig's greedy completions. With `chains` K > 1 (self-consistency; a temperature above 0), K sampled
+    completions per record, the prediction the majority of their answers (prompting.majority_vote)."""
     task = TaskConfig.from_dict({"extract": extract, "pattern": pattern, "batch_size": batch_size})  # checked
+    if isinstance(chains, bool) or not isinstance(chains, int) or chains < 1:
+        raise ConfigError(f"self-consistency needs 1 or more chains per record, got {chains!r}")
     config = config or task.sampling
-    if not config.greedy:
-        raise ConfigError("task accuracy uses greedy completions; set temperature 0")
+    if chains > 1 and config.greedy:
+        raise ConfigError(f"self-consistency with {chains} chains at temperature 0: every chain would be the same; "
+                          f"give a temperature above 0 (e.g. 0.7)")
     methods = [resolve_method(r, extract) for r in records]
     for r, m in zip(records, methods):  # check every record before generating anything
         if m == "regex":
@@ -334,18 +361,23 @@ def task_accuracy(model, tokenizer, records: list[dict], config: SamplingConfig 
     new_tokens = 0
     for i in range(0, len(records), batch_size):
         chunk = records[i:i + batch_size]
-        outs = generate(model, tokenizer, [r["prompt"] for r in chunk], config)
-        for r, m, g in zip(chunk, methods[i:i + batch_size], outs):
-            predicted = extract_answer(g.text, m, r.get("pattern", pattern), r.get("choices"))
-            rows.append({"line": r["line"], "prompt": r["prompt"], "answer": r["answer"], "completion": g.text,
-                         "extract": m, "predicted": predicted, "correct": is_correct(predicted, r, m)})
-            new_tokens += g.new_tokens
+        outs = generate(model, tokenizer, [r["prompt"] for r in chunk], config, num_samples=chains)
+        for k, (r, m) in enumerate(zip(chunk, methods[i:i + batch_size])):
+            gens = outs[k * chains:(k + 1) * chains]
+            answers = [extract_answer(g.text, m, r.get("pattern", pattern), r.get("choices")) for g in gens]
+            predicted, votes = majority_vote(answers) if chains > 1 else (answers[0], None)
+            row = {"line": r["line"], "prompt": r["prompt"], "answer": r["answer"], "completion": gens[0].text,
+                   "extract": m, "predicted": predicted, "correct": is_correct(predicted, r, m)}
+            if chains > 1:
+                row.update(completions=[g.text for g in gens], votes=votes)
+            rows.append(row)
+            new_tokens += sum(g.new_tokens for g in gens)
         report(progress, "task", len(rows), len(records), unit="records")
     seconds = time.perf_counter() - start
     correct = sum(r["correct"] for r in rows)
     lo, hi = wilson_interval(correct, len(rows))
     return {"accuracy": correct / len(rows), "correct": correct, "total": len(rows), "ci95": [lo, hi],
-            "ci_method": "wilson", "extract": extract, "new_tokens": new_tokens, "seconds": seconds,
+            "ci_method": "wilson", "extract": extract, "chains": chains, "new_tokens": new_tokens, "seconds": seconds,
             "sampling": config.to_dict(), "records": rows}
 
 
@@ -373,7 +405,8 @@ def task_accuracy_of_file(model_dir: str | os.PathLike | None, path: str | os.Pa
         built = [build_prompt(r["prompt"], prompt, shots, tok, model.config.block_size, cfg.max_new_tokens)
                  for r in records]
         records = [{**r, "prompt": b.text} for r, b in zip(records, built)]
-    result = task_accuracy(model, tok, records, cfg.sampling, cfg.extract, cfg.pattern, cfg.batch_size, progress)
+    result = task_accuracy(model, tok, records, cfg.sampling, cfg.extract, cfg.pattern, cfg.batch_size, progress,
+                           cfg.self_consistency)
     if built is not None:
         used = [b.shots_used for b in built]
         result["prompt"] = {**prompt.to_dict(), "shots_used": [min(used), max(used)],

@@ -105,9 +105,12 @@ def test_eval_configs_check_their_ranges():
 
 
 def test_task_config_builds_greedy_sampling_with_typed_stops():
-    assert TaskConfig().sampling == SamplingConfig(temperature=0.0, max_new_tokens=32, stop=("\n",))
+    assert TaskConfig().sampling == SamplingConfig(temperature=0.0, max_new_tokens=32, stop=("\n",), seed=0)
     sampling = TaskConfig(max_new_tokens=5, stop=(r"\n\n", "Q:")).sampling
     assert sampling.greedy and sampling.max_new_tokens == 5 and sampling.stop == ("\n\n", "Q:")
+    assert TaskConfig(temperature=0.7, self_consistency=5, seed=3).sampling.temperature == 0.7
+    with pytest.raises(ConfigError, match="self-consistency with 5 chains at temperature 0: every chain would be"):
+        TaskConfig(self_consistency=5)
 
 
 # --- perplexity: known answers and the direct loop -------------------------------------------------
@@ -247,8 +250,12 @@ def test_task_accuracy_with_known_completions(tok):
     assert [x["completion"] for x in r["records"]] == ["The answer is 42."] * 4  # stopped at the line break
     assert task_accuracy(model, tok, records, extract="regex", pattern=r"is (\d+)")["correct"] == 3
     assert task_accuracy(model, tok, records, extract="regex", pattern=r"is (\d)")["correct"] == 0  # "4"
-    with pytest.raises(ConfigError, match="greedy"):
-        task_accuracy(model, tok, records, SamplingConfig(temperature=1.0))
+    with pytest.raises(ConfigError, match="3 chains at temperature 0: every chain would be the same"):
+        task_accuracy(model, tok, records, chains=3)
+    voted = task_accuracy(model, tok, records, SamplingConfig(temperature=1.0, max_new_tokens=32, stop=("\n",),
+                                                               seed=0), chains=3)
+    assert voted["chains"] == 3 and voted["correct"] == 3  # the scripted model answers 42 in every chain
+    assert voted["records"][0]["votes"] == {"42": 3} and len(voted["records"][0]["completions"]) == 3
 
 
 def test_task_accuracy_reports_records_done_up_to_the_total(tok):
@@ -428,7 +435,13 @@ def test_eval_task_builds_few_shot_and_chain_of_thought_prompts(cli, model_dir, 
                             + "\n" for i in range(2)))
     r = cli("eval", "task", model_dir, tasks, "--shots", long, "--n-shots", "2", *common)
     assert r.code == 0 and r.json()["prompt"]["shots_dropped"] >= 1, r.err
+    r = cli("eval", "task", model_dir, tasks, "--self-consistency", "3", "--temperature", "0.8", *common)
+    record = r.json()["records"][0]
+    assert r.code == 0 and r.json()["chains"] == 3 and len(record["completions"]) == 3
+    assert sum(record["votes"].values()) <= 3 and record["completion"] == record["completions"][0]
     for args, says in [(["--shots", shots, "--n-shots", "0"], "n_shots 0 with a shots file"),
-                       (["--shots", tasks.with_name("nope.jsonl")], "nope.jsonl")]:
+                       (["--shots", tasks.with_name("nope.jsonl")], "nope.jsonl"),
+                       (["--self-consistency", "3"], "every chain would be the same; give --temperature above 0"),
+                       (["--self-consistency", "0", "--temperature", "1"], "self_consistency must be in [1, ")]:
         r = cli("eval", "task", model_dir, tasks, *args, *common)
         assert r.code == 2 and says in r.err, r.err

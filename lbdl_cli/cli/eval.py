@@ -48,7 +48,7 @@ def perplexity(
 
 
 @app.command("task")
-@config_options(PromptConfig)
+@config_options(PromptConfig, skip=("seed",))
 @config_options(TaskConfig)
 def task(
     model: str = model_argument(),
@@ -60,8 +60,8 @@ def task(
     from ..evaluate import task_accuracy_of_file
 
     cfg = build(TaskConfig, fields)
-    prompt = build(PromptConfig, fields)
-    prompt = prompt if prompt != PromptConfig() else None  # the task file's prompts as they are
+    prompt = build(PromptConfig, fields, base={"seed": cfg.seed})  # one --seed: the shots and the chains
+    prompt = prompt if prompt != PromptConfig(seed=cfg.seed) else None  # the task file's prompts as they are
     with progress_view(quiet=as_json) as listen:
         result = task_accuracy_of_file(model, tasks, cfg, listen, prompt)
 
@@ -81,6 +81,8 @@ def task(
             shots = f"{lo_s}" if lo_s == hi_s else f"{lo_s}-{hi_s}"
             console.print(f"prompt: {p['format']}, {shots} shots{', chain of thought' if p['cot'] else ''}"
                           + (f" ({p['shots_dropped']} dropped to fit the context)" if p["shots_dropped"] else ""))
+        if result["chains"] > 1:
+            console.print(f"self-consistency: the majority answer of {result['chains']} chains per record")
         console.print(f"[bold]accuracy[/bold] {result['accuracy']:.4f} ({result['correct']}/{result['total']}), "
                       f"95% CI [{lo:.4f}, {hi:.4f}] (Wilson); extraction {result['extract']}, "
                       f"{result['seconds']:.1f} s")

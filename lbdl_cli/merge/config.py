@@ -117,7 +117,7 @@ class MergeConfig:
 class MergeFlags(Config):
     """The numbers `lbdl merge` takes as flags, range-checked before they join a MergeConfig."""
 
-    weights: tuple = setting((), "The weight of each --model.", low=-1e6, high=1e6)
+    weights: tuple[float, ...] = setting((), "The weight of each --model.", low=-1e6, high=1e6)
     density: float | None = setting(None, "TIES/DARE: the fraction of each task vector kept.", low=0, low_open=True,
                                     high=1)
     lambda_: float | None = setting(None, "Scale of the merged task vector.", low=-1e6, high=1e6)

@@ -145,6 +145,8 @@ def _decode(model, tokenizer, prompt_ids: list[list[int]], rows, num_samples, co
     """Generate for rows whose prompts all have the same length: one cache, one batch."""
     import torch
 
+    from ..model import KVCache
+
     device = model.tok_emb.weight.device
     block = model.config.block_size
     B, L = len(rows), len(prompt_ids[0])
@@ -181,7 +183,7 @@ def _decode(model, tokenizer, prompt_ids: list[list[int]], rows, num_samples, co
     if L > block:
         slides += 1
         notice(context_message())
-    if num_samples > 1 and L <= block:  # the samples of a prompt share its prefill
+    if num_samples > 1 and L <= block and isinstance(cache, KVCache):  # the samples of a prompt share its prefill
         logits = _shared_prefill(model, history[:, :L], cache, num_samples)
     else:
         logits = model(history[:, max(0, L - block):L], cache=cache, logits_to_keep=1)[:, -1]  # (B, V)
