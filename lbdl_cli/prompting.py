@@ -351,3 +351,63 @@ def is_correct(predicted: str | None, record: dict, method: str) -> bool:
     if method == "choice":
         return predicted.lower() == str(answer).strip().lower()
     return predicted == str(answer).strip()
+
+
+# --- a prompted generation: the prompt built, K chains, their answers and the vote ------------------------------
+
+
+@dataclass(frozen=True)
+class ChainConfig(Config):
+    """`lbdl generate` with a built prompt: how many chains, how their answer is read, what is shown."""
+
+    self_consistency: int = setting(1, "Self-consistency: sample K chains (sharing the prompt's prefill) and take "
+                                       "the majority of their answers; needs a temperature above 0.", low=1,
+                                    high=1 << 10, metavar="K")
+    answer: str | None = setting(None, "Read an answer from each chain: number (the last number), choice (a letter "
+                                       "A-E) or a regular expression (group 1).", metavar="HOW")
+    show_prompt: bool = setting(False, "Print the assembled prompt first.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.answer not in (None, "number", "choice"):
+            _compile(self.answer)  # a bad regex is refused with its error
+
+    @property
+    def method(self) -> tuple[str, str | None]:
+        """(extract_answer's method, its pattern) for --answer (number: the last number, as a chain ends with it)."""
+        if self.answer in (None, "number"):
+            return "last-number", None
+        return ("choice", None) if self.answer == "choice" else ("regex", self.answer)
+
+
+def prompted_generation(model_dir, query: str, prompt: PromptConfig, chains: ChainConfig, gen, on_text=None,
+                        progress=None) -> dict:
+    """`query` as a built prompt (build_prompt, fitted to the model's context with gen.max_new_tokens left),
+    continued in `chains.self_consistency` chains by `gen` (a GenerateConfig), each chain's answer read and the
+    majority taken. Streams through `on_text` when there is one chain. Returns the prompt, its shots, the chains,
+    their answers, the answer and the votes."""
+    from .progress import report
+    from .sample import generate, load_for_inference
+
+    k = chains.self_consistency
+    sampling = gen.sampling
+    if k > 1 and sampling.greedy:
+        raise ConfigError(f"self-consistency with {k} chains at temperature 0: every chain would be the same; give "
+                          f"--temperature above 0 (e.g. 0.7)")
+    shots = load_shots(prompt.shots) if prompt.shots else None  # a bad shots file before the model loads
+    model, tok, _ = load_for_inference(model_dir, gen.compute_dtype, gen.device, progress=progress,
+                                       adapter=gen.adapter, force_base=gen.force_base)
+    built = build_prompt(query, prompt, shots, tok, model.config.block_size, sampling.max_new_tokens)
+    stream = on_text is not None and k == 1
+    if stream:
+        on_text(built.text)
+    results = generate(model, tok, [built.text], sampling, num_samples=k,
+                       on_token=(lambda index, text: on_text(text)) if stream else None,
+                       on_notice=lambda m: report(progress, "generate", message=m, level="warning"))
+    method, pattern = chains.method
+    answers = [extract_answer(g.text, method, pattern) for g in results] if chains.answer or k > 1 else []
+    answer, votes = majority_vote(answers) if answers else (None, {})
+    return {"model": str(model_dir) if model_dir is not None else "default", "prompt": built.text,
+            "shots_used": built.shots_used, "shots_dropped": built.shots_dropped, "sampling": sampling.to_dict(),
+            "chains": k, "results": [g.to_dict() for g in results], "answers": answers, "answer": answer,
+            "votes": votes}

@@ -142,3 +142,30 @@ def test_a_lone_path_is_a_mistyped_model_not_a_prompt(cli, model_dir, tmp_path):
     assert r.code == 0 and r.json()["results"][0]["prompt"] == "runs/typo_model"
     r = cli("generate", "--model", str(model_dir), "To be", "or not", "-n", "2")
     assert r.code == 2 and "expected PROMPT (the model is --model's) but got 2 arguments" in r.err
+
+
+def test_generate_with_a_built_prompt_chains_and_a_vote(cli, model_dir, tmp_path):
+    """--shots/--cot build the prompt (--show-prompt prints it), --self-consistency K samples K chains whose
+    answers (--answer) are voted; the refusals of issue #15."""
+    shots = tmp_path / "shots.jsonl"
+    shots.write_text('{"input": "1+2", "output": "3", "cot": "one and two make 3"}\n'
+                     '{"input": "2+3", "output": "5"}\n')
+    common = ["-n", "6", "--compute-dtype", "float32", "--seed", "2"]
+    r = cli("generate", model_dir, "Q: 3+4 A:", "--shots", shots, "--n-shots", "1", "--show-prompt", "-t", "0",
+            *common)
+    assert r.code == 0, r.err
+    assert r.out.startswith("Q: ") and "Q: 3+4 A:" in r.out  # the prompt, then its continuation
+    r = cli("generate", model_dir, "Q: 3+4 A:", "--shots", shots, "--n-shots", "2", "--self-consistency", "3",
+            "-t", "1.0", "--answer", r"(\w)", *common, "--json")
+    result = r.json()
+    assert r.code == 0 and result["chains"] == 3 and len(result["results"]) == 3 and len(result["answers"]) == 3
+    assert result["prompt"].endswith("Q: 3+4 A:") and result["shots_used"] + result["shots_dropped"] == 2
+    votes = result["votes"]
+    assert sum(votes.values()) == sum(a is not None for a in result["answers"])
+    assert result["answer"] == (max(votes, key=votes.get) if votes else None)
+    for args, says in [(["--self-consistency", "3", "-t", "0"], "every chain would be the same"),
+                       (["--answer", "(unclosed"], "(unclosed"),
+                       (["--shots", shots, "--n-shots", "0"], "n_shots 0 with a shots file"),
+                       (["--self-consistency", "0"], "self_consistency must be in [1, ")]:
+        r = cli("generate", model_dir, "Q: 3+4 A:", *args, *common)
+        assert r.code == 2 and says in r.err and r.err.count("\n") == 1, (args, r.err)

@@ -10,9 +10,11 @@ from typing import Optional
 import typer
 
 from ..checkpoint.configs import CONFIG_FILE
+from ..errors import ConfigError
+from ..prompting import ChainConfig, PromptConfig
 from ..sample.run import GenerateConfig
 from .options import build, complete_model_dirs, config_options, optional
-from .output import JSON_OPTION, emit, err_console, progress_view
+from .output import JSON_OPTION, console, emit, err_console, progress_view
 
 
 def register(app: typer.Typer) -> None:
@@ -38,7 +40,6 @@ def _model_and_prompt(args: list[str], prompt_file: str | None, model: str | Non
     """Which argument is the model and which the prompt; the prompt's text. A lone argument is the prompt (and
     the bundled model runs) only when it cannot be a mistyped model path; --model says which model outright."""
     from ..checkpoint.configs import read_config
-    from ..errors import ConfigError
 
     def checked(path: str | None) -> str | None:
         if path is None or path == "default":
@@ -69,6 +70,8 @@ def _model_and_prompt(args: list[str], prompt_file: str | None, model: str | Non
     return None, _read_prompt(args[0], False)
 
 
+@config_options(ChainConfig)
+@config_options(PromptConfig, skip=("seed",))
 @config_options(GenerateConfig)
 def generate(
     args: Optional[list[str]] = typer.Argument(
@@ -88,8 +91,12 @@ def generate(
     from ..sample.run import generate_text
 
     cfg = build(GenerateConfig, fields)
+    prompt_cfg = build(PromptConfig, fields, base={"seed": cfg.seed or 0})  # --seed: the shots' selection too
+    chains = build(ChainConfig, fields)
     model_arg, text = _model_and_prompt(list(args or []), prompt_file, model)
     out = sys.stdout
+    if prompt_cfg != PromptConfig(seed=cfg.seed or 0) or chains != ChainConfig():
+        return _prompted(model_arg, text, prompt_cfg, chains, cfg, as_json)
 
     def on_text(new_text: str):
         out.write(new_text)
@@ -115,3 +122,57 @@ def generate(
             f"({result['device']}, {result['dtype']})[/dim]", soft_wrap=True)
 
     emit(result, as_json, render)
+
+
+def _prompted(model_arg, query: str, prompt_cfg, chains, cfg, as_json: bool) -> None:
+    """generate with a built prompt (--shots, --cot, --instruction, --format), K chains and their answers."""
+    from ..prompting import prompted_generation
+
+    if cfg.each_line or cfg.num_samples != 1:
+        raise ConfigError("--each-line and --num-samples do not combine with a built prompt; use "
+                          "--self-consistency K for K chains of one query")
+    out = sys.stdout
+    if chains.show_prompt and not as_json:
+        err_console.print("[dim]--- prompt ---[/dim]")
+
+    def on_text(new_text: str):
+        out.write(new_text)
+        out.flush()
+
+    with progress_view(quiet=True) as listen:
+        stream = None if as_json or chains.self_consistency > 1 else (
+            on_text if chains.show_prompt else _after_prompt(on_text))
+        result = prompted_generation(model_arg, query, prompt_cfg, chains, cfg, on_text=stream, progress=listen)
+
+    def render():
+        if result["chains"] == 1:
+            out.write("\n")
+        else:
+            if chains.show_prompt:
+                out.write(result["prompt"] + "\n")
+            for i, (g, a) in enumerate(zip(result["results"], result["answers"])):
+                out.write(f"--- chain {i + 1} ({g['finish_reason']}), answer {a} ---\n{g['text'].strip()}\n")
+        out.flush()
+        shots = f"{result['shots_used']} shots" + (f" ({result['shots_dropped']} dropped to fit the context)"
+                                                   if result["shots_dropped"] else "")
+        if result["answers"]:
+            votes = ", ".join(f"{a}: {n}" for a, n in result["votes"].items()) or "no answer found"
+            console.print(f"answer: {result['answer']} (votes {votes}); {shots}")
+        else:
+            err_console.print(f"[dim]{shots}[/dim]")
+
+    emit(result, as_json, render)
+
+
+def _after_prompt(on_text):
+    """A streaming callback that leaves out its first call (the prompt): without --show-prompt only the
+    continuation is printed."""
+    state = {"first": True}
+
+    def call(text: str):
+        if state["first"]:
+            state["first"] = False
+            return
+        on_text(text)
+
+    return call
