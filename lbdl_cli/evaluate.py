@@ -387,9 +387,18 @@ def task_accuracy_of_file(model_dir: str | os.PathLike | None, path: str | os.Pa
     (few-shot, chain-of-thought, an instruction: prompting.build_prompt), each record's prompt is the query of a
     prompt built to fit the model's context with cfg.max_new_tokens left; the result's "prompt" says how."""
     cfg = cfg or TaskConfig()
+    records, shots = _checked_tasks(path, cfg, prompt)
+    model, tok, _ = load_for_inference(model_dir, cfg.compute_dtype, cfg.device, progress=progress,
+                                       adapter=cfg.adapter, force_base=cfg.force_base)
+    result = _task_run(model, tok, records, cfg, prompt, shots, progress)
+    return {"model": str(model_dir) if model_dir is not None else "default", "file": str(path), **result}
+
+
+def _checked_tasks(path, cfg: TaskConfig, prompt: PromptConfig | None) -> tuple[list[dict], list | None]:
+    """The task file's records, checked against --extract and --pattern, and the shots: before the model loads."""
     records = load_tasks(path)
-    shots = load_shots(prompt.shots) if prompt is not None and prompt.shots else None  # bad shots before the model
-    for r in records:  # the records against --extract and --pattern, before the model loads
+    shots = load_shots(prompt.shots) if prompt is not None and prompt.shots else None
+    for r in records:
         method, where = resolve_method(r, cfg.extract), f"task file {path}:{r['line']}:"
         if method == "regex" and not r.get("pattern", cfg.pattern):
             raise ConfigError(f'{where} regex extraction needs a pattern (--pattern, or "pattern" in the record)')
@@ -398,8 +407,10 @@ def task_accuracy_of_file(model_dir: str | os.PathLike | None, path: str | os.Pa
         elif method in ("number", "last-number") and canonical_number(r["answer"]) is None:
             raise DataError(f"{where} answer {r['answer']!r} is not a number; use --extract exact, choice or regex "
                             f"for it")
-    model, tok, _ = load_for_inference(model_dir, cfg.compute_dtype, cfg.device, progress=progress,
-                                       adapter=cfg.adapter, force_base=cfg.force_base)
+    return records, shots
+
+
+def _task_run(model, tok, records, cfg: TaskConfig, prompt: PromptConfig | None, shots, progress) -> dict:
     built = None
     if prompt is not None:
         built = [build_prompt(r["prompt"], prompt, shots, tok, model.config.block_size, cfg.max_new_tokens)
@@ -411,4 +422,56 @@ def task_accuracy_of_file(model_dir: str | os.PathLike | None, path: str | os.Pa
         used = [b.shots_used for b in built]
         result["prompt"] = {**prompt.to_dict(), "shots_used": [min(used), max(used)],
                             "shots_dropped": max(b.shots_dropped for b in built)}
-    return {"model": str(model_dir) if model_dir is not None else "default", "file": str(path), **result}
+    return result
+
+
+STRATEGIES = ("direct", "cot", "self-consistency")
+SC_CHAINS, SC_TEMPERATURE = 5, 0.7  # self-consistency's chains and temperature when --self-consistency/--temperature
+# leave them at 1 and 0
+
+
+def strategy_configs(name: str, cfg: TaskConfig, prompt: PromptConfig) -> tuple[TaskConfig, PromptConfig]:
+    """A prompt strategy of --compare as configs: direct (no chain of thought, one greedy chain), cot (the trigger
+    and the shots' steps, one greedy chain), self-consistency (cot, K sampled chains, the majority answer)."""
+    if name not in STRATEGIES:
+        raise ConfigError(f"--compare strategy {name!r} is not one of {', '.join(STRATEGIES)}")
+    if name == "self-consistency":
+        k = cfg.self_consistency if cfg.self_consistency > 1 else SC_CHAINS
+        t = cfg.temperature if cfg.temperature > 0 else SC_TEMPERATURE
+        return cfg.replace(self_consistency=k, temperature=t), prompt.replace(cot=True)
+    return cfg.replace(self_consistency=1, temperature=0.0), prompt.replace(cot=name == "cot")
+
+
+def paired_difference(a: list[bool], b: list[bool], z: float = 1.959964) -> dict:
+    """B's accuracy minus A's on the same items: the difference, its 95% interval (Wald, for paired proportions)
+    and McNemar's exact two-sided p-value over the discordant items."""
+    n = len(a)
+    only_b = sum(1 for x, y in zip(a, b) if y and not x)
+    only_a = sum(1 for x, y in zip(a, b) if x and not y)
+    d = (only_b - only_a) / n
+    se = math.sqrt(max(0.0, only_b + only_a - (only_b - only_a) ** 2 / n)) / n
+    m = only_a + only_b
+    tail = sum(math.comb(m, i) for i in range(min(only_a, only_b) + 1)) / 2 ** m if m else 1.0
+    return {"difference": d, "ci95": [d - z * se, d + z * se], "only_a": only_a, "only_b": only_b,
+            "mcnemar_p": min(1.0, 2 * tail)}
+
+
+def compare_strategies(model_dir, path, cfg: TaskConfig, prompt: PromptConfig, strategies: Sequence[str],
+                       progress: Progress | None = None) -> dict:
+    """Every strategy on the same records with one model: each one's accuracy, and each one's paired difference
+    from the first (paired_difference)."""
+    if len(strategies) < 2:
+        raise ConfigError("--compare needs two strategies or more (direct, cot, self-consistency)")
+    configs = [strategy_configs(name, cfg, prompt) for name in strategies]
+    records, shots = _checked_tasks(path, cfg, prompt)
+    model, tok, _ = load_for_inference(model_dir, cfg.compute_dtype, cfg.device, progress=progress,
+                                       adapter=cfg.adapter, force_base=cfg.force_base)
+    runs = [_task_run(model, tok, records, c, p, shots, progress) for c, p in configs]
+    hits = [[r["correct"] for r in run["records"]] for run in runs]
+    rows = [{"strategy": name, "chains": run["chains"], "temperature": c.temperature, **{k: run[k] for k in (
+        "accuracy", "correct", "total", "ci95")}} for name, run, (c, _) in zip(strategies, runs, configs)]
+    paired = [{"a": strategies[0], "b": name, **paired_difference(hits[0], h)}
+              for name, h in zip(strategies[1:], hits[1:])]
+    return {"model": str(model_dir) if model_dir is not None else "default", "file": str(path),
+            "strategies": rows, "paired": paired, "runs": runs}
+

@@ -445,3 +445,40 @@ def test_eval_task_builds_few_shot_and_chain_of_thought_prompts(cli, model_dir, 
                        (["--self-consistency", "0", "--temperature", "1"], "self_consistency must be in [1, ")]:
         r = cli("eval", "task", model_dir, tasks, *args, *common)
         assert r.code == 2 and says in r.err, r.err
+
+
+def test_paired_difference_and_mcnemar_known_answers():
+    from lbdl_cli.evaluate import paired_difference
+
+    a = [True, True, False, False, False, True, False, False, False, False]
+    b = [True, False, True, True, True, True, True, False, False, False]
+    r = paired_difference(a, b)  # discordant: 4 right only with b, 1 only with a
+    assert (r["only_b"], r["only_a"]) == (4, 1) and r["difference"] == pytest.approx(0.3)
+    assert r["mcnemar_p"] == pytest.approx(2 * (1 + 5) / 32)  # 2 P(X <= 1), X ~ Bin(5, 1/2)
+    se = math.sqrt(5 - 9 / 10) / 10
+    assert r["ci95"] == pytest.approx([0.3 - 1.959964 * se, 0.3 + 1.959964 * se])
+    same = paired_difference(a, a)
+    assert same["difference"] == 0 and same["mcnemar_p"] == 1.0 and same["ci95"] == [0.0, 0.0]
+
+
+def test_eval_task_compare_runs_every_strategy_on_the_same_records(cli, model_dir, tmp_path):
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps({"prompt": f"Q: {i}+1 A:", "answer": str(i + 1)}) + "\n" for i in range(4)))
+    shots = tmp_path / "shots.jsonl"
+    shots.write_text('{"input": "1+2", "output": "3", "cot": "3"}\n')
+    r = cli("eval", "task", model_dir, tasks, "--shots", shots, "--n-shots", "1", "--compare", "direct", "--compare",
+            "cot", "--compare", "self-consistency", "--self-consistency", "2", "--temperature", "0.5",
+            "--max-new-tokens", "3",
+            "--compute-dtype", "float32", "--json")
+    assert r.code == 0, r.err
+    result = r.json()
+    assert [s["strategy"] for s in result["strategies"]] == ["direct", "cot", "self-consistency"]
+    assert [s["chains"] for s in result["strategies"]] == [1, 1, 2]
+    assert [s["temperature"] for s in result["strategies"]] == [0, 0, 0.5]  # direct and cot greedy
+    assert [p["b"] for p in result["paired"]] == ["cot", "self-consistency"]
+    runs = result["runs"]
+    assert not runs[0]["prompt"]["cot"] and runs[1]["prompt"]["cot"] and runs[2]["chains"] == 2
+    for pair, run in zip(result["paired"], runs[1:]):
+        assert pair["difference"] == pytest.approx(run["accuracy"] - runs[0]["accuracy"])
+    r = cli("eval", "task", model_dir, tasks, "--compare", "direct", "--compare", "magic")
+    assert r.code == 2 and "--compare strategy 'magic' is not one of direct, cot, self-consistency" in r.err

@@ -53,6 +53,9 @@ def perplexity(
 def task(
     model: str = model_argument(),
     tasks: str = file_argument('JSONL file: one {"prompt": ..., "answer": ...} per line.', "task file"),
+    compare: list[str] = typer.Option([], "--compare", metavar="STRATEGY", help="Run several prompt strategies "
+                                      "on the same records and report each one's paired difference from the first: "
+                                      "direct, cot, self-consistency (repeat). [default: none]"),
     as_json: bool = JSON_OPTION,
     **fields,
 ):
@@ -61,6 +64,14 @@ def task(
 
     cfg = build(TaskConfig, fields)
     prompt = build(PromptConfig, fields, base={"seed": cfg.seed})  # one --seed: the shots and the chains
+    if compare:
+        from ..evaluate import compare_strategies
+
+        with progress_view(quiet=as_json) as listen:
+            result = compare_strategies(model, tasks, cfg, prompt, compare, listen)
+        emit({k: v for k, v in result.items() if k != "runs"} if not as_json else result, as_json,
+             lambda: _render_comparison(result))
+        return
     prompt = prompt if prompt != PromptConfig(seed=cfg.seed) else None  # the task file's prompts as they are
     with progress_view(quiet=as_json) as listen:
         result = task_accuracy_of_file(model, tasks, cfg, listen, prompt)
@@ -88,3 +99,15 @@ def task(
                       f"{result['seconds']:.1f} s")
 
     emit(result, as_json, render)
+
+
+def _render_comparison(result: dict) -> None:
+    for row in result["strategies"]:
+        lo, hi = row["ci95"]
+        console.print(f"{row['strategy']:<17} accuracy {row['accuracy']:.4f} ({row['correct']}/{row['total']}), "
+                      f"95% CI [{lo:.4f}, {hi:.4f}]; {row['chains']} chain(s), temperature {row['temperature']:g}")
+    for pair in result["paired"]:
+        lo, hi = pair["ci95"]
+        console.print(f"{pair['b']} - {pair['a']}: {pair['difference']:+.4f}, 95% CI [{lo:+.4f}, {hi:+.4f}]; "
+                      f"right only with {pair['b']} {pair['only_b']}, only with {pair['a']} {pair['only_a']}; "
+                      f"McNemar p = {pair['mcnemar_p']:.3g}")
