@@ -18,6 +18,15 @@ TINY_LLAMA = dict(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_kv_head=2
                   norm="rmsnorm", positions="rope", bias=False, tie_embeddings=False)
 
 
+def free_port() -> int:
+    """A TCP port no one listens on now (for torchrun's rendezvous), so that two test runs never collide."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def tiny_model(seed: int = 0, **overrides) -> GPT:
     torch.manual_seed(seed)
     base = dict(TINY_LLAMA) if overrides.pop("family", "gpt2") == "llama" else dict(TINY_GPT2)

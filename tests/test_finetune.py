@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, free_port
 from safetensors.torch import load_file
 
 from lbdl_cli.checkpoint import load_model
@@ -184,7 +184,8 @@ def test_two_processes_match_one_process(model_dir, records, tmp_path):
                              "--batch-size", "4", "--out", str(tmp_path / "single")], capture_output=True, text=True,
                             env=env)
     assert single.returncode == 0, single.stderr[-2000:]
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534",
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={free_port()}",
                           "-m", "lbdl_cli", "finetune", str(model_dir), str(records), *common, "--batch-size", "2",
                           "--out", str(tmp_path / "ddp")], capture_output=True, text=True, env=env)
     assert ddp.returncode == 0, ddp.stderr[-2000:]

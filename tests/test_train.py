@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import free_port
 
 from lbdl_cli.checkpoint import load_model
 from lbdl_cli.data import WindowSampler, unigram_loss
@@ -521,7 +522,8 @@ def test_two_processes_match_one_process(shards, tmp_path, mode):
     single = run_cli("train", *common, "--batch-size", 8, "--out", tmp_path / "single")
     assert single.wait() == 0, single.stderr.read()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={free_port()}",
                           "-m", "lbdl_cli", "train", *map(str, common), "--batch-size", "4",
                           *(["--fsdp"] if mode == "fsdp" else []),
                           "--out", str(tmp_path / "ddp")], capture_output=True, text=True, env=env)
