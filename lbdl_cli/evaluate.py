@@ -101,6 +101,9 @@ class TaskConfig(Config):
     self_consistency: int = setting(1, "Self-consistency: sample K chains per record (sharing the prompt's "
                                        "prefill) and take the majority of their answers; needs --temperature above "
                                        "0.", low=1, high=1 << 10, metavar="K")
+    answer_marker: str | None = setting(None, "Read the answer only after the last occurrence of this text (e.g. "
+                                              "'The answer is'); a completion without it gives no answer.",
+                                        metavar="TEXT")
     seed: int = setting(0, "Seed of the sampled chains and of the shots' selection.", low=0, high=MAX_SEED)
     stop: tuple[str, ...] = setting(("\\n",), "Stop strings, as typed on a command line (\\n is a line break).")
     batch_size: int = setting(8, "Prompts per generate() call.", low=1, high=1 << 16)
@@ -338,10 +341,11 @@ def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[floa
 def task_accuracy(model, tokenizer, records: list[dict], config: SamplingConfig | None = None,
                   extract: str = TaskConfig.extract, pattern: str | None = None,
                   batch_size: int = TaskConfig.batch_size, progress: Progress | None = None,
-                  chains: int = 1) -> dict:
+                  chains: int = 1, marker: str | None = None) -> dict:
     """Exact-match accuracy of the completions of `records` (see load_tasks), with a 95% CI. `config` None:
     TaskConfig's greedy completions. With `chains` K > 1 (self-consistency; a temperature above 0), K sampled
-    completions per record, the prediction the majority of their answers (prompting.majority_vote)."""
+    completions per record, the prediction the majority of their answers (prompting.majority_vote). With a
+    `marker`, answers are read after its last occurrence only (prompting.extract_answer)."""
     task = TaskConfig.from_dict({"extract": extract, "pattern": pattern, "batch_size": batch_size})  # checked
     if isinstance(chains, bool) or not isinstance(chains, int) or chains < 1:
         raise ConfigError(f"self-consistency needs 1 or more chains per record, got {chains!r}")
@@ -364,7 +368,7 @@ def task_accuracy(model, tokenizer, records: list[dict], config: SamplingConfig 
         outs = generate(model, tokenizer, [r["prompt"] for r in chunk], config, num_samples=chains)
         for k, (r, m) in enumerate(zip(chunk, methods[i:i + batch_size])):
             gens = outs[k * chains:(k + 1) * chains]
-            answers = [extract_answer(g.text, m, r.get("pattern", pattern), r.get("choices")) for g in gens]
+            answers = [extract_answer(g.text, m, r.get("pattern", pattern), r.get("choices"), marker) for g in gens]
             predicted, votes = majority_vote(answers) if chains > 1 else (answers[0], None)
             row = {"line": r["line"], "prompt": r["prompt"], "answer": r["answer"], "completion": gens[0].text,
                    "extract": m, "predicted": predicted, "correct": is_correct(predicted, r, m)}
@@ -377,7 +381,8 @@ def task_accuracy(model, tokenizer, records: list[dict], config: SamplingConfig 
     correct = sum(r["correct"] for r in rows)
     lo, hi = wilson_interval(correct, len(rows))
     return {"accuracy": correct / len(rows), "correct": correct, "total": len(rows), "ci95": [lo, hi],
-            "ci_method": "wilson", "extract": extract, "chains": chains, "new_tokens": new_tokens, "seconds": seconds,
+            "ci_method": "wilson", "extract": extract, "answer_marker": marker, "chains": chains,
+            "new_tokens": new_tokens, "seconds": seconds,
             "sampling": config.to_dict(), "records": rows}
 
 
@@ -417,7 +422,7 @@ def _task_run(model, tok, records, cfg: TaskConfig, prompt: PromptConfig | None,
                  for r in records]
         records = [{**r, "prompt": b.text} for r, b in zip(records, built)]
     result = task_accuracy(model, tok, records, cfg.sampling, cfg.extract, cfg.pattern, cfg.batch_size, progress,
-                           cfg.self_consistency)
+                           cfg.self_consistency, cfg.answer_marker)
     if built is not None:
         used = [b.shots_used for b in built]
         result["prompt"] = {**prompt.to_dict(), "shots_used": [min(used), max(used)],

@@ -171,13 +171,19 @@ def _toml_shots(path: Path) -> list[Shot]:
     return [shot_of(rec, f"shots file {path}: shot {i}") for i, rec in enumerate(tables, 1)]
 
 
-def select_shots(shots: Sequence[Shot], cfg: PromptConfig) -> list[Shot]:
+def select_shots(shots: Sequence[Shot], cfg: PromptConfig, query: str | None = None) -> list[Shot]:
     """`cfg.n_shots` of `shots`, drawn without replacement by `cfg.seed` (the same seed, the same shots in the
-    same order)."""
-    if cfg.n_shots > len(shots):
-        raise ConfigError(f"{cfg.n_shots} shots requested but the shots file holds {len(shots)}; use --n-shots "
-                          f"{len(shots)} or less")
-    return random.Random(cfg.seed).sample(list(shots), cfg.n_shots)
+    same order). A shot asking `query` itself is left out of the draw, so a question never shows its own answer
+    (a task file that is also its own shots file)."""
+    pool = list(shots)
+    if query is not None:
+        asked = unwrap(query, cfg)
+        pool = [s for s in pool if unwrap(s.input, cfg) != asked]
+    if cfg.n_shots > len(pool):
+        own = " other than the query itself" if len(pool) < len(shots) else ""
+        raise ConfigError(f"{cfg.n_shots} shots requested but the shots file holds {len(pool)}{own}; use "
+                          f"--n-shots {len(pool)} or less")
+    return random.Random(cfg.seed).sample(pool, cfg.n_shots)
 
 
 # --- prompts -----------------------------------------------------------------------------------
@@ -234,12 +240,13 @@ def assemble(query: str, cfg: PromptConfig, shots: Sequence[Shot]) -> str:
 def build_prompt(query: str, cfg: PromptConfig | None = None, shots: Sequence[Shot] | None = None, tokenizer=None,
                  context: int | None = None, max_new_tokens: int = 0) -> Prompt:
     """The prompt of `query`: `cfg.n_shots` of `shots` (None: loaded from cfg.shots; without either, zero-shot)
-    selected by cfg.seed, in the format. With a tokenizer and a context, whole shots are dropped from the end of
-    the selection until the prompt and `max_new_tokens` fit; ConfigError when even zero shots do not."""
+    selected by cfg.seed (never `query` itself), in the format. With a tokenizer and a context, whole shots are
+    dropped from the end of the selection until the prompt and `max_new_tokens` fit; ConfigError when even zero
+    shots do not."""
     cfg = cfg or PromptConfig()
     if shots is None and cfg.shots is not None:
         shots = load_shots(cfg.shots)
-    chosen = select_shots(shots, cfg) if shots else []
+    chosen = select_shots(shots, cfg, query) if shots else []
     if tokenizer is None or context is None:
         return Prompt(assemble(query, cfg, chosen), len(chosen))
     budget = context - max_new_tokens
@@ -306,14 +313,21 @@ def resolve_method(record: dict, method: str) -> str:
 
 
 def extract_answer(text: str, method: str, pattern: str | None = None,
-                   choices: Sequence[str] | None = None) -> str | None:
+                   choices: Sequence[str] | None = None, marker: str | None = None) -> str | None:
     """The answer a completion gives, by `method`; None when it gives none.
 
     exact: the first line, stripped. number / last-number: the first / last
     number (commas allowed), canonical. choice: the first of `choices` that
     stands alone as a word (letters A-E by default). regex: the first match's
-    group 1 (or the whole match).
+    group 1 (or the whole match). With a `marker` ("The answer is"), only the
+    text after its last occurrence is read, and a completion without it gives
+    none (a chain that never reached its answer does not vote).
     """
+    if marker:
+        at = text.rfind(marker)
+        if at < 0:
+            return None
+        text = text[at + len(marker):]
     if method == "exact":
         line = text.strip().split("\n", 1)[0].strip() if text.strip() else ""
         return line or None
@@ -365,6 +379,8 @@ class ChainConfig(Config):
                                     high=1 << 10, metavar="K")
     answer: str | None = setting(None, "Read an answer from each chain: number (the last number), choice (a letter "
                                        "A-E) or a regular expression (group 1).", metavar="HOW")
+    answer_marker: str | None = setting(None, "Read the answer only after the last occurrence of this text (e.g. "
+                                              "'The answer is'); a chain without it gives no answer.", metavar="TEXT")
     show_prompt: bool = setting(False, "Print the assembled prompt first.")
 
     def __post_init__(self):
@@ -405,7 +421,8 @@ def prompted_generation(model_dir, query: str, prompt: PromptConfig, chains: Cha
                        on_token=(lambda index, text: on_text(text)) if stream else None,
                        on_notice=lambda m: report(progress, "generate", message=m, level="warning"))
     method, pattern = chains.method
-    answers = [extract_answer(g.text, method, pattern) for g in results] if chains.answer or k > 1 else []
+    answers = ([extract_answer(g.text, method, pattern, marker=chains.answer_marker) for g in results]
+               if chains.answer or chains.answer_marker or k > 1 else [])
     answer, votes = majority_vote(answers) if answers else (None, {})
     return {"model": str(model_dir) if model_dir is not None else "default", "prompt": built.text,
             "shots_used": built.shots_used, "shots_dropped": built.shots_dropped, "sampling": sampling.to_dict(),

@@ -220,6 +220,14 @@ def test_answer_extraction_known_answers():
     assert extract_answer("Surely PARIS.", "choice", choices=["London", "Paris"]) == "Paris"
     assert extract_answer("answer: foo-bar!", "regex", pattern=r"answer: ([\w-]+)") == "foo-bar"
     assert extract_answer("  Paris\nand more", "exact") == "Paris"
+    # after an answer marker: only the text after its last occurrence; none without it
+    chain = "He has 45 left, then 88 now. The answer is 88 marbles, he had 2 bags."
+    assert extract_answer(chain, "last-number") == "2"
+    assert extract_answer(chain, "number", marker="The answer is") == "88"
+    assert extract_answer("The answer is 3. No: the answer is 5. The answer is 7", "number",
+                          marker="The answer is") == "7"
+    assert extract_answer("45 left, 88 now", "last-number", marker="The answer is") is None
+    assert extract_answer("Answer: (C) surely", "choice", marker="Answer:") == "C"
     assert canonical_number("29.0") == canonical_number(29) == "29" and canonical_number("x") is None
 
 
@@ -250,6 +258,10 @@ def test_task_accuracy_with_known_completions(tok):
     assert [x["completion"] for x in r["records"]] == ["The answer is 42."] * 4  # stopped at the line break
     assert task_accuracy(model, tok, records, extract="regex", pattern=r"is (\d+)")["correct"] == 3
     assert task_accuracy(model, tok, records, extract="regex", pattern=r"is (\d)")["correct"] == 0  # "4"
+    marked = task_accuracy(model, tok, records, marker="answer is")
+    assert marked["correct"] == 3 and marked["answer_marker"] == "answer is"
+    unmarked = task_accuracy(model, tok, records, marker="Answer:")  # not in the completions: no answers
+    assert unmarked["correct"] == 0 and {x["predicted"] for x in unmarked["records"]} == {None}
     with pytest.raises(ConfigError, match="3 chains at temperature 0: every chain would be the same"):
         task_accuracy(model, tok, records, chains=3)
     voted = task_accuracy(model, tok, records, SamplingConfig(temperature=1.0, max_new_tokens=32, stop=("\n",),

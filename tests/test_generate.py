@@ -163,6 +163,9 @@ def test_generate_with_a_built_prompt_chains_and_a_vote(cli, model_dir, tmp_path
     votes = result["votes"]
     assert sum(votes.values()) == sum(a is not None for a in result["answers"])
     assert result["answer"] == (max(votes, key=votes.get) if votes else None)
+    r = cli("generate", model_dir, "Q: 3+4 A:", "--self-consistency", "2", "-t", "1.0", "--answer-marker",
+            "no such marker", *common, "--json")  # chains without the marker give no answer
+    assert r.code == 0 and r.json()["answers"] == [None, None] and r.json()["answer"] is None
     for args, says in [(["--self-consistency", "3", "-t", "0"], "every chain would be the same"),
                        (["--answer", "(unclosed"], "(unclosed"),
                        (["--shots", shots, "--n-shots", "0"], "n_shots 0 with a shots file"),

@@ -154,3 +154,15 @@ def test_evaluate_shares_the_extraction():
     rec = json.loads(ARITH.read_text().splitlines()[0])
     chain = rec["cot_completion"]
     assert prompting.extract_answer(chain, "last-number") == "60" and prompting.is_correct("60", rec, "last-number")
+
+
+def test_a_query_is_never_its_own_shot():
+    pool = [Shot(f"{i} + {i}", str(2 * i)) for i in range(1, 6)]
+    cfg = PromptConfig(n_shots=4, seed=0)
+    for i in range(1, 6):  # every shot as the query (wrapped, as task records are): the other four, never itself
+        text = build_prompt(f"Q: {i} + {i} A:", cfg, pool).text
+        assert text.count(f"Q: {i} + {i} A:") == 1 and text.endswith(f"Q: {i} + {i} A:")
+        assert text.count("\n") == 4
+    assert select_shots(pool, cfg, "7 + 7") == select_shots(pool, cfg)  # a new query: the seed's usual draw
+    with pytest.raises(ConfigError, match="holds 4 other than the query itself; use --n-shots 4 or less"):
+        select_shots(pool, PromptConfig(n_shots=5), "Q: 3 + 3 A:")
