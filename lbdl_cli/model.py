@@ -343,6 +343,20 @@ class GPT(nn.Module):
         the final norm and the head to the last that many positions only
         (B, logits_to_keep, V): generation needs one, perplexity the scored part.
         """
+        x = self.hidden_states(idx, cache, logits_to_keep)  # (B, T, C) after the final norm
+        head = self.lm_head.weight if self.lm_head is not None else self.tok_emb.weight
+        if self._checkpointing(cache) and targets is not None:
+            return _checkpointed_loss(x, head, targets, reduction)
+        logits = kernels.linear(x, head)  # (B, T, V)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
+                               reduction=reduction)
+
+    def hidden_states(self, idx, cache: KVCache | None = None, keep: int = 0):
+        """idx (B, T) token ids -> the final-norm hidden states (B, T, C): what the head reads, and what an
+        embedding pools (LBDL 6.6). Causal: position t depends on idx[:, :t+1] only. `cache` and `keep` (the
+        last that many positions only) as in forward."""
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
@@ -355,25 +369,19 @@ class GPT(nn.Module):
             rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
         if self.training:
             x = self.drop(x)
-        checkpointing = bool(self.checkpoint_every and self.training and cache is None and torch.is_grad_enabled())
-        if checkpointing:
+        if self._checkpointing(cache):
             x = self._checkpointed_blocks(x, rope)
         else:
             for block in self.blocks:
                 x = block(x, rope, cache)
         if cache is not None:
             cache.length += T
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]  # (B, logits_to_keep, C)
-        x = self.norm_f(x)
-        head = self.lm_head.weight if self.lm_head is not None else self.tok_emb.weight
-        if checkpointing and targets is not None:
-            return _checkpointed_loss(x, head, targets, reduction)
-        logits = kernels.linear(x, head)  # (B, T, V)
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
-                               reduction=reduction)
+        if keep:
+            x = x[:, -keep:]  # (B, keep, C)
+        return self.norm_f(x)
+
+    def _checkpointing(self, cache) -> bool:
+        return bool(self.checkpoint_every and self.training and cache is None and torch.is_grad_enabled())
 
     def set_checkpointing(self, every: int) -> None:
         """Gradient (activation) checkpointing: keep only the input of each segment of `every` blocks in the
