@@ -35,32 +35,18 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import sysconfig
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lbdl_run import lbdl  # noqa: E402  (benchmarks/lbdl_run.py)
 from machine import capabilities  # noqa: E402  (benchmarks/machine.py)
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "default"
 TASKS = ROOT / "data" / "tasks"
-
-
-def lbdl(args: list[str], log: Path) -> tuple[dict, float]:
-    """Run `lbdl ARGS --json`; its JSON result and wall seconds. The full output goes to `log`."""
-    cmd = [sys.executable, "-m", "lbdl_cli", *map(str, args), "--json"]
-    print("$ lbdl " + " ".join(map(str, args)) + " --json", flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    wall = time.perf_counter() - t0
-    log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
-    if proc.returncode != 0:
-        sys.exit(f"lbdl {' '.join(map(str, args))} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    return json.loads(lines[-1]), wall
 
 
 # --- (a) data ----------------------------------------------------------------------------------------------------

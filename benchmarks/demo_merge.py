@@ -24,28 +24,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lbdl_run import lbdl  # noqa: E402  (benchmarks/lbdl_run.py)
 from machine import capabilities  # noqa: E402  (benchmarks/machine.py)
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "default"
 TASKS = ROOT / "data" / "tasks"
-
-
-def lbdl(args: list, log: Path) -> dict:
-    """Run `lbdl ARGS --json`; its JSON result (the last line). The full output goes to `log`."""
-    cmd = [sys.executable, "-m", "lbdl_cli", *map(str, args), "--json"]
-    print("$ lbdl " + " ".join(map(str, args)) + " --json", flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
-    if proc.returncode != 0:
-        raise SystemExit(f"lbdl failed (exit {proc.returncode}), see {log}: {proc.stderr.strip()[-500:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def split(name: str, work: Path) -> tuple[Path, Path]:
@@ -99,7 +88,7 @@ def main():
         lbdl(["merge", *merge_args, "--out", out, "--force"], work / f"{out.name}.log")
         dirs[label] = out
     searched = work / "searched"
-    search = lbdl(["merge", "search", *base, "--model", a1, "--model", a2, "--eval", tasks["facts"][0],
+    search, _ = lbdl(["merge", "search", *base, "--model", a1, "--model", a2, "--eval", tasks["facts"][0],
                    "--eval", tasks["arithmetic"][0], "--space", "params", "--trials", args.trials, "--seed", 0,
                    "--out", searched, "--force"], work / "search.log")
     dirs["searched merge"] = searched
