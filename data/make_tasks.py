@@ -82,14 +82,15 @@ MARK = {"-": " ({r} left)", "+": " ({r} now)"}  # after each operation in the tr
 LINKS = ["Then", "After that", "Later", "Next"]  # the sentence style's openings after the first operation (distinct)
 
 
-def arithmetic_problem(rng: random.Random) -> dict:
-    """One word problem: its prompt, answer, direct completion and step-by-step completion."""
+def arithmetic_problem(rng: random.Random, steps: tuple[int, int] = (2, 4)) -> dict:
+    """One word problem of `steps` (low, high) operations: its prompt, answer, direct completion and step-by-step
+    completion."""
     name, pron = rng.choice(NAMES)
     obj = rng.choice(sorted(OBJECTS))
     others = [n for n, _ in NAMES if n != name]
     start = count = rng.randint(20, 150)
     ops = []  # (phrase, sign, amount, result)
-    for _ in range(rng.randint(2, 4)):
+    for _ in range(rng.randint(*steps)):
         sign = "-" if rng.random() < 0.65 and count >= 6 else "+"
         amount = rng.randint(2, min(count - 2, 60)) if sign == "-" else rng.randint(2, 60)
         count = count - amount if sign == "-" else count + amount
