@@ -50,6 +50,8 @@ COMMANDS = {  # name: (module in this package, the line `lbdl --help` shows)
     "merge": ("merge", "Merge fine-tunes of one base: task arithmetic, TIES, DARE, SLERP, layer recombination: "
                        "`lbdl merge --base B --model M1 --model M2 --out DIR` (see `lbdl merge run --help`, `lbdl "
                        "merge --list`), or search a merge scored on tasks: `lbdl merge search`."),
+    "rag": ("rag", "Retrieval-augmented generation: index your files (`lbdl rag index DOCS... --out INDEX`), then "
+                   "retrieve from them and answer with a model (`lbdl rag query INDEX QUESTION --answer-with MODEL`)."),
     "convert": ("convert", "Re-save a model with its weights in another dtype (bfloat16 halves the size)."),
     "import": ("convert", "Import a Hugging Face model directory (safetensors, single or sharded)."),
     "export": ("convert", "Export a model for another tool: `--to hf` writes a transformers directory."),

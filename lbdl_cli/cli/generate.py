@@ -12,6 +12,7 @@ import typer
 from ..checkpoint.configs import CONFIG_FILE
 from ..errors import ConfigError
 from ..prompting import ChainConfig, PromptConfig
+from ..rag.assemble import RagConfig
 from ..sample.run import GenerateConfig
 from .options import build, complete_model_dirs, config_options, optional
 from .output import JSON_OPTION, console, emit, err_console, progress_view
@@ -70,6 +71,7 @@ def _model_and_prompt(args: list[str], prompt_file: str | None, model: str | Non
     return None, _read_prompt(args[0], False)
 
 
+@config_options(RagConfig)
 @config_options(ChainConfig)
 @config_options(PromptConfig, skip=("seed",))
 @config_options(GenerateConfig)
@@ -84,6 +86,8 @@ def generate(
                                                       "every argument is then the prompt.")),
     prompt_file: Optional[str] = typer.Option(None, "--prompt-file", metavar="FILE",
                                               help=optional("Read the prompt from this file (- = stdin).")),
+    rag: Optional[str] = typer.Option(None, "--rag", metavar="INDEX", help=optional(
+        "Answer from the sources an index (`lbdl rag index`) retrieves for the prompt, cited as [1], [2].")),
     as_json: bool = JSON_OPTION,
     **fields,
 ):
@@ -93,8 +97,15 @@ def generate(
     cfg = build(GenerateConfig, fields)
     prompt_cfg = build(PromptConfig, fields, base={"seed": cfg.seed or 0})  # --seed: the shots' selection too
     chains = build(ChainConfig, fields)
+    rag_cfg = build(RagConfig, fields)
     model_arg, text = _model_and_prompt(list(args or []), prompt_file, model)
     out = sys.stdout
+    if rag is not None:
+        from .rag import answer
+
+        return answer(model_arg, text, rag, rag_cfg, prompt_cfg, chains, cfg, as_json)
+    if rag_cfg != RagConfig():
+        raise ConfigError("--k, --mode and the other retrieval options need --rag INDEX")
     if prompt_cfg != PromptConfig(seed=cfg.seed or 0) or chains != ChainConfig():
         return _prompted(model_arg, text, prompt_cfg, chains, cfg, as_json)
 
