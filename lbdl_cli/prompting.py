@@ -396,35 +396,48 @@ class ChainConfig(Config):
         return ("choice", None) if self.answer == "choice" else ("regex", self.answer)
 
 
-def prompted_generation(model_dir, query: str, prompt: PromptConfig, chains: ChainConfig, gen, on_text=None,
-                        progress=None) -> dict:
-    """`query` as a built prompt (build_prompt, fitted to the model's context with gen.max_new_tokens left),
-    continued in `chains.self_consistency` chains by `gen` (a GenerateConfig), each chain's answer read and the
-    majority taken. Streams through `on_text` when there is one chain. Returns the prompt, its shots, the chains,
-    their answers, the answer and the votes."""
-    from .progress import report
-    from .sample import generate, load_for_inference
-
+def check_chains(chains: ChainConfig, sampling) -> None:
+    """Self-consistency needs sampled chains: K > 1 at temperature 0 is refused (the chains would be the same)."""
     k = chains.self_consistency
-    sampling = gen.sampling
     if k > 1 and sampling.greedy:
         raise ConfigError(f"self-consistency with {k} chains at temperature 0: every chain would be the same; give "
                           f"--temperature above 0 (e.g. 0.7)")
-    shots = load_shots(prompt.shots) if prompt.shots else None  # a bad shots file before the model loads
-    model, tok, _ = load_for_inference(model_dir, gen.compute_dtype, gen.device, progress=progress,
-                                       adapter=gen.adapter, force_base=gen.force_base)
-    built = build_prompt(query, prompt, shots, tok, model.config.block_size, sampling.max_new_tokens)
+
+
+def sample_chains(model, tok, text: str, sampling, chains: ChainConfig, on_text=None, progress=None) -> dict:
+    """`text` continued in `chains.self_consistency` chains (sharing one prefill), each chain's answer read (with
+    --answer, --answer-marker or K > 1) and the majority taken. Streams through `on_text` (the prompt first) when
+    there is one chain. Returns the sampling, the chains, their answers, the answer and the votes."""
+    from .progress import report
+    from .sample import generate
+
+    k = chains.self_consistency
     stream = on_text is not None and k == 1
     if stream:
-        on_text(built.text)
-    results = generate(model, tok, [built.text], sampling, num_samples=k,
-                       on_token=(lambda index, text: on_text(text)) if stream else None,
+        on_text(text)
+    results = generate(model, tok, [text], sampling, num_samples=k,
+                       on_token=(lambda index, new: on_text(new)) if stream else None,
                        on_notice=lambda m: report(progress, "generate", message=m, level="warning"))
     method, pattern = chains.method
     answers = ([extract_answer(g.text, method, pattern, marker=chains.answer_marker) for g in results]
                if chains.answer or chains.answer_marker or k > 1 else [])
     answer, votes = majority_vote(answers) if answers else (None, {})
+    return {"sampling": sampling.to_dict(), "chains": k, "results": [g.to_dict() for g in results],
+            "answers": answers, "answer": answer, "votes": votes}
+
+
+def prompted_generation(model_dir, query: str, prompt: PromptConfig, chains: ChainConfig, gen, on_text=None,
+                        progress=None) -> dict:
+    """`query` as a built prompt (build_prompt, fitted to the model's context with gen.max_new_tokens left),
+    continued in `chains.self_consistency` chains by `gen` (a GenerateConfig): sample_chains. Returns the prompt,
+    its shots, the chains, their answers, the answer and the votes."""
+    from .sample import load_for_inference
+
+    check_chains(chains, gen.sampling)
+    shots = load_shots(prompt.shots) if prompt.shots else None  # a bad shots file before the model loads
+    model, tok, _ = load_for_inference(model_dir, gen.compute_dtype, gen.device, progress=progress,
+                                       adapter=gen.adapter, force_base=gen.force_base)
+    built = build_prompt(query, prompt, shots, tok, model.config.block_size, gen.sampling.max_new_tokens)
     return {"model": str(model_dir) if model_dir is not None else "default", "prompt": built.text,
-            "shots_used": built.shots_used, "shots_dropped": built.shots_dropped, "sampling": sampling.to_dict(),
-            "chains": k, "results": [g.to_dict() for g in results], "answers": answers, "answer": answer,
-            "votes": votes}
+            "shots_used": built.shots_used, "shots_dropped": built.shots_dropped,
+            **sample_chains(model, tok, built.text, gen.sampling, chains, on_text, progress)}

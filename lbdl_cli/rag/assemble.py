@@ -28,7 +28,7 @@ from typing import Sequence
 
 from ..config import Config, setting
 from ..errors import ConfigError
-from ..prompting import ChainConfig, PromptConfig, build_prompt, extract_answer, load_shots, majority_vote
+from ..prompting import ChainConfig, PromptConfig, build_prompt, check_chains, load_shots, sample_chains
 from .retrieve import MODES, default_mode, index_embedder, search
 
 DEFAULT_INSTRUCTION = "Answer the question using the sources below; cite them as [1], [2]."
@@ -117,14 +117,10 @@ def rag_generation(model_dir, question: str, index_dir: str | os.PathLike, rag: 
     read, the majority taken. Returns the prompt, the hits, the sources in the prompt (`[n] path:first-last`),
     how many sources and shots were dropped, the chains, their answers, the answer and the votes."""
     from ..progress import report
-    from ..sample import generate, load_for_inference
+    from ..sample import load_for_inference
     from .index import Index
 
-    k = chains.self_consistency
-    sampling = gen.sampling
-    if k > 1 and sampling.greedy:
-        raise ConfigError(f"self-consistency with {k} chains at temperature 0: every chain would be the same; give "
-                          f"--temperature above 0 (e.g. 0.7)")
+    check_chains(chains, gen.sampling)
     shots = load_shots(prompt.shots) if prompt.shots else None
     index = Index(index_dir)
     mode = rag.mode or default_mode(index)
@@ -134,25 +130,14 @@ def rag_generation(model_dir, question: str, index_dir: str | os.PathLike, rag: 
     hits = search(index, question, rag.k, mode, embedder, rag.weights, rag.rrf_k)
     model, tok, _ = load_for_inference(model_dir, gen.compute_dtype, gen.device, progress=progress,
                                        adapter=gen.adapter, force_base=gen.force_base)
-    built = build_rag_prompt(question, hits, tok, model.config.block_size, sampling.max_new_tokens, rag, prompt,
-                             shots)
+    built = build_rag_prompt(question, hits, tok, model.config.block_size, gen.sampling.max_new_tokens, rag,
+                             prompt, shots)
     if built.sources_dropped:
         report(progress, "rag", message=f"{built.sources_dropped} of {len(hits)} sources dropped to fit the "
                                         f"context of {model.config.block_size}", level="warning")
-    stream = on_text is not None and k == 1
-    if stream:
-        on_text(built.text)
-    results = generate(model, tok, [built.text], sampling, num_samples=k,
-                       on_token=(lambda index, text: on_text(text)) if stream else None,
-                       on_notice=lambda m: report(progress, "generate", message=m, level="warning"))
-    method, pattern = chains.method
-    answers = ([extract_answer(g.text, method, pattern, marker=chains.answer_marker) for g in results]
-               if chains.answer or chains.answer_marker or k > 1 else [])
-    answer, votes = majority_vote(answers) if answers else (None, {})
     return {"model": str(model_dir) if model_dir is not None else "default", "index": str(index_dir), "mode": mode,
             "question": question, "hits": hits, "prompt": built.text,
             "sources": [f"[{n}] {where(h)}" for n, h in enumerate(built.sources, 1)],
             "sources_used": len(built.sources), "sources_dropped": built.sources_dropped,
             "shots_used": built.shots_used, "shots_dropped": built.shots_dropped, "prompt_tokens": built.tokens,
-            "sampling": sampling.to_dict(), "chains": k, "results": [g.to_dict() for g in results],
-            "answers": answers, "answer": answer, "votes": votes}
+            **sample_chains(model, tok, built.text, gen.sampling, chains, on_text, progress)}
