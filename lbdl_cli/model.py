@@ -334,9 +334,11 @@ class GPT(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, idx, targets=None, cache: KVCache | None = None, logits_to_keep: int = 0,
-                reduction: str = "mean"):
+                reduction: str = "mean", hidden: bool = False):
         """idx (B, T) token ids -> logits (B, T, V), or the cross-entropy with targets: the mean over the scored
-        targets (those not -100), or their sum with reduction="sum" (0 when none is scored).
+        targets (those not -100), or their sum with reduction="sum" (0 when none is scored). hidden=True: the
+        final-norm hidden states (B, T, C) instead (hidden_states through forward, so that a DDP or FSDP wrapper
+        sees the call: embedding training).
 
         With a cache, idx holds only the new tokens; their positions continue
         from `cache.length`, which advances by T. `logits_to_keep` > 0 applies
@@ -344,6 +346,8 @@ class GPT(nn.Module):
         (B, logits_to_keep, V): generation needs one, perplexity the scored part.
         """
         x = self.hidden_states(idx, cache, logits_to_keep)  # (B, T, C) after the final norm
+        if hidden:
+            return x
         head = self.lm_head.weight if self.lm_head is not None else self.tok_emb.weight
         if self._checkpointing(cache) and targets is not None:
             return _checkpointed_loss(x, head, targets, reduction)

@@ -7,6 +7,9 @@ One JSONL file holds records of one format (--format, or "auto": the first recor
     chat        {"messages": [{"role": "user", "content": "..."}, ...]}
                                                           loss on the assistant turns only
 
+Contrastive fine-tuning (`--objective contrastive`) reads pairs instead, {"query": "...", "passage": "..."}
+(read_pairs); the training package encodes and batches them.
+
 Other keys of a record are ignored. A chat is rendered message by message through the template
 (`{role}` and `{content}` placeholders; default DEFAULT_TEMPLATE, "<|{role}|>\\n{content}\\n"). The template's
 text before `{content}` is the turn's prefix, the text after it its suffix. An assistant turn is
@@ -154,6 +157,28 @@ def read_records(path: str | os.PathLike, cfg: RecordsConfig | None = None) -> t
     if not records:
         raise DataError(f"{name} holds no records; write one JSON object per line")
     return fmt, records
+
+
+PAIR_KEYS = ("query", "passage")  # a contrastive pair record (`lbdl finetune --objective contrastive`)
+
+
+def read_pairs(path: str | os.PathLike, max_records: int | None = None) -> list[tuple[str, str]]:
+    """(query, passage) of each record {"query": ..., "passage": ...} of a JSONL file (other keys ignored), each
+    a non-empty string; errors name `file:line`."""
+    name = f"pairs file {path}"
+    pairs = []
+    for number, record in read_jsonl(path, "pairs file"):
+        where = f"{name}:{number}"
+        missing = [k for k in PAIR_KEYS if k not in record]
+        if missing:
+            raise DataError(f"{where}: the record lacks {' and '.join(repr(k) for k in missing)}; a pair is "
+                            f'{{"query": "...", "passage": "..."}}')
+        pairs.append(tuple(_string(record, k, where, empty=False) for k in PAIR_KEYS))
+        if max_records is not None and len(pairs) >= max_records:
+            break
+    if not pairs:
+        raise DataError(f'{name} holds no pairs; write one {{"query": "...", "passage": "..."}} object per line')
+    return pairs
 
 
 def split_records(records: list, val_fraction: float, seed: int) -> tuple[list, list]:

@@ -113,6 +113,25 @@ def same_model(a: dict, b: dict) -> bool:
     return all(a.get(k) == b.get(k) for k in ("sha256", "adapter_sha256", "pooling"))
 
 
+def recorded_pooling(model_dir: str | os.PathLike | None, adapter: str | os.PathLike | None = None) -> str | None:
+    """The pooling a contrastive fine-tune (`lbdl finetune --objective contrastive`) trained with: the "embedding"
+    section of the adapter's training.json (a LoRA run's checkpoint), else of the model's config.json (a full
+    run's); None when neither records one (then "eos" is the default)."""
+    import json
+
+    places = [Path(adapter) / "training.json"] if adapter is not None else []
+    if model_dir is not None:
+        places.append(Path(model_dir) / "config.json")
+    for path in places:
+        try:
+            section = json.loads(path.read_text(encoding="utf-8")).get("embedding")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(section, dict) and section.get("pooling") in POOLINGS:
+            return section["pooling"]
+    return None
+
+
 def load_embedder(model_dir: str | os.PathLike | None, adapter: str | os.PathLike | None = None,
                   pooling: str = "eos", compute_dtype: str = "auto", device: str = "auto",
                   progress: Progress | None = None) -> Embedder:

@@ -15,6 +15,7 @@ from quant.catalog import TYPES
 from ..config import DTYPE_CHOICES, MAX_SEED, MAX_TOKENS, Config, device_setting, read_toml, setting
 from ..errors import ConfigError
 from ..lora.config import LoRAConfig
+from ..rag.embed import POOLINGS
 from ..records import RecordsConfig
 
 SCHEDULES = ("cosine", "constant", "step")
@@ -114,6 +115,7 @@ class TrainConfig(Config):
 
 
 METHODS = ("lora", "qlora", "full")
+OBJECTIVES = ("lm", "contrastive")
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,13 @@ class FinetuneConfig(TrainConfig):
     grad_checkpoint: int | None = setting(None, "Gradient checkpointing: recompute activations in the backward, in "
                                                 "segments of N blocks (0: off; none: 1 with --method qlora, as the "
                                                 "QLoRA recipe, else 0).", low=0, high=1 << 10)
+    objective: str = setting("lm", "lm (next-token loss on instruction records) | contrastive (DATA holds "
+                                   "{query, passage} pairs: train an embedder for `lbdl rag`, in-batch negatives).",
+                             choices=OBJECTIVES)
+    contrastive_temperature: float = setting(0.05, "Contrastive: the softmax temperature of the cosine "
+                                                   "similarities.", low=0, low_open=True, high=10)
+    pooling: str = setting("eos", "Contrastive: how a text's hidden states become its embedding: eos (the state "
+                                  "at the appended <eos>) | mean (over its tokens and the <eos>).", choices=POOLINGS)
     lora: LoRAConfig = setting(LoRAConfig(), "The adapters.", cli=False)
     records: RecordsConfig = setting(RecordsConfig(), "How the records are read.", cli=False)
 

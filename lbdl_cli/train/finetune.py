@@ -6,7 +6,10 @@ and again in the backward; the adapters and their optimizer state float32).
                                      out="runs/facts", method="lora"))
 
 A LoRA run's checkpoints (run/best, run/last) are PEFT adapter directories, with the optimizer and trainer state
-beside them; a full run's are model directories, as `lbdl train`'s.
+beside them; a full run's are model directories, as `lbdl train`'s. `objective="contrastive"` trains an embedder
+on {query, passage} pairs instead (contrastive.py); its checkpoints record how to embed with them: an "embedding"
+section ({"objective", "pooling", "temperature"}) in training.json (LoRA) or config.json (full), which
+rag.embed.recorded_pooling reads.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from ..progress import Progress
 from ..records import RecordSampler, load_records, val_batches
 from . import distributed, state
 from .config import FinetuneConfig
+from .contrastive import embedding_record, pair_parts
 from .distributed import Dist
 from .parts import Parts
 
@@ -31,7 +35,8 @@ LORA_STATE = "lora_state.safetensors"  # the adapters by lbdl's module names: wh
 
 
 def finetune_parts(cfg: FinetuneConfig, dist: Dist) -> Parts:
-    """The parts of `lbdl finetune`: the records of --data, the model of MODEL (quantized for QLoRA), adapted."""
+    """The parts of `lbdl finetune`: the records of --data (pairs with --objective contrastive), the model of MODEL
+    (quantized for QLoRA), adapted."""
     if not cfg.init_from or not cfg.data:
         raise ConfigError("give the model to fine-tune (MODEL) and its records (DATA, a JSONL file)")
     base_dir = Path(cfg.init_from)
@@ -49,11 +54,13 @@ def finetune_parts(cfg: FinetuneConfig, dist: Dist) -> Parts:
     if cfg.records.val_fraction == 0:
         raise ConfigError("records val_fraction is 0: fine-tuning needs validation records (evaluation, best/, "
                           "early stopping); give a val_fraction above 0")
-    records = load_records(cfg.data, tok, context, cfg.records)
+    contrastive = cfg.objective == "contrastive"
+    records = None if contrastive else load_records(cfg.data, tok, context, cfg.records)
     if cfg.dropout is not None:
         model.set_dropout(cfg.dropout)
     if cfg.method == "full":
-        checkpoints = state.ModelDirectories(base_dir / TOKENIZER_FILE, {}, str(cfg.data))
+        sections = {"embedding": embedding_record(cfg)} if contrastive else {}  # config.json's
+        checkpoints = state.ModelDirectories(base_dir / TOKENIZER_FILE, sections, str(cfg.data))
     else:
         if cfg.method == "qlora" and not prequantized:
             quantize_base(model, cfg.quant_type)
@@ -62,6 +69,8 @@ def finetune_parts(cfg: FinetuneConfig, dist: Dist) -> Parts:
         apply_lora(model, cfg.lora)
         qtype = config["quantization"]["type"] if prequantized else cfg.quant_type if cfg.method == "qlora" else None
         checkpoints = AdapterCheckpoints(cfg, base_dir, qtype)
+    if contrastive:
+        return pair_parts(cfg, dist, model, tok, context, checkpoints)
     sampler = RecordSampler(records.train, cfg.seed)
     B, r = cfg.batch_size, dist.rank
     val = [(x[r * B:(r + 1) * B], y[r * B:(r + 1) * B])
@@ -99,8 +108,10 @@ class AdapterCheckpoints:
             def write_state(d: Path) -> None:
                 write_adapter(model, self.cfg.lora, d, self.base_dir, self.base_quantization)
                 save_tensors({k: v.contiguous() for k, v in lora_state_dict(model).items()}, d / LORA_STATE)
+                extra = {"embedding": embedding_record(self.cfg)} if self.cfg.objective == "contrastive" else {}
                 write_json(d / "training.json", {**training, "data": str(self.cfg.data), "method": self.cfg.method,
-                                                 "records": self.cfg.records.to_dict()})  # the chat template too
+                                                 "objective": self.cfg.objective,
+                                                 "records": self.cfg.records.to_dict(), **extra})  # chat template
 
             state.save_checkpoint(run, step, write_state, optim_state, trainer, rng, best)
 
@@ -121,4 +132,7 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None, resume: bool
     """Run a fine-tuning job on the training loop."""
     from .loop import train
 
-    return train(cfg, progress, resume=resume, force=force, parts=finetune_parts)
+    result = train(cfg, progress, resume=resume, force=force, parts=finetune_parts)
+    if cfg.objective == "contrastive":
+        result = {**result, "objective": cfg.objective, "pooling": cfg.pooling}
+    return result

@@ -146,6 +146,7 @@ class Trainer:
             self.net = torch.compile(self.net)
         self.step, self.tokens_seen, self.best_val, self.best_step, self.bad_evals = 0, 0, math.inf, None, 0
         self.last_val, self.rate, self.shown = None, None, None  # last: validation loss, (tokens/s, MFU), (loss, lr)
+        self.val_metrics = {}  # an objective's other validation metrics (parts.Objective.metrics), the last ones
         # the loss at step 0 (from the checkpoint after a resume; None in one written before it was recorded),
         # and at the resumed step; restored: a checkpoint was loaded
         self.initial, self.resume_loss, self.restored = None, None, False
@@ -282,6 +283,9 @@ class Trainer:
             else:
                 start = ((self.step * cfg.grad_accum + micro) * d.world + d.rank) * cfg.batch_size
             batches.append(self.sampler.batch(start, cfg.batch_size, self.device))
+        if self.parts.objective is not None:  # another loss (contrastive): it runs the step's forward and backward
+            total = self.parts.objective.backward(self.net, batches, d, lambda: autocast(self.device, self.amp))
+            return self._update(lr, total)
         scored = d.sum(float(sum((y != -100).sum().item() for _, y in batches)))
         scale = d.world / max(scored, 1.0)
         total = 0.0
@@ -291,6 +295,12 @@ class Trainer:
                 loss = self._loss(x, y, reduction="sum") * scale
                 loss.backward()
             total += loss.item()
+        return self._update(lr, total)
+
+    def _update(self, lr: float, total: float) -> tuple[float, float, float]:
+        """Clip and apply the accumulated gradients: (the step's loss, the mean over ranks of `total`; the
+        gradient norm; lr)."""
+        cfg, d = self.cfg, self.dist
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
         self.optimizer.step()
@@ -326,9 +336,12 @@ class Trainer:
             self.best_val, self.best_step, self.bad_evals = val, self.step, 0
         else:
             self.bad_evals += 1
-        record = dict(step=self.step, val_loss=val, best_val_loss=self.best_val, improved=improved)
+        record = dict(step=self.step, val_loss=val, best_val_loss=self.best_val, improved=improved,
+                      **self.val_metrics)
         self._log(record)  # before the checkpoint: a resume from it must not lose this line
-        self._report(message=f"step {self.step}: val loss {val:.4f}" + (" (best)" if improved else ""), data=record)
+        others = "".join(f", {k} {v:.4f}" for k, v in self.val_metrics.items())
+        self._report(message=f"step {self.step}: val loss {val:.4f}{others}" + (" (best)" if improved else ""),
+                     data=record)
         return improved
 
     def checkpoint(self, best: bool) -> None:
@@ -357,20 +370,35 @@ class Trainer:
 
     def _loss(self, x, y, reduction: str = "mean"):
         with autocast(self.device, self.amp):
+            if self.parts.objective is not None:
+                return self.parts.objective.loss(self.net, x, y)
             return self.net(x, targets=y, reduction=reduction)
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """The mean loss per scored target over the validation batches (all ranks')."""
+        """The mean loss per scored target over the validation batches (all ranks'); an objective's: per sample,
+        with its other metrics (their means) in self.val_metrics."""
         self.net.eval()
-        total, count = 0.0, 0.0
+        objective = self.parts.objective
+        names = objective.metrics if objective is not None else ()
+        total, count, sums = 0.0, 0.0, dict.fromkeys(names, 0.0)
         for x, y in self.val:
-            if len(x):
+            if not len(x):
+                continue
+            x, y = x.to(self.device), y.to(self.device)
+            if objective is not None:
+                with autocast(self.device, self.amp):
+                    loss_sum, n, metrics = objective.score(self.net, x, y)
+                total, count = total + loss_sum, count + n
+                for k in names:
+                    sums[k] += metrics[k]
+            else:
                 rows = (y != -100).sum().item() / y.shape[1]  # scored targets, in rows: x's rows when none is masked
-                total += self._loss(x.to(self.device), y.to(self.device)).item() * rows
+                total += self._loss(x, y).item() * rows
                 count += rows
         self.net.train()
         total, count = self.dist.sum(total), self.dist.sum(count)
+        self.val_metrics = {k: self.dist.sum(sums[k]) / count for k in names}
         return total / count
 
     def _diverged(self, loss: float) -> RunFailed:

@@ -36,6 +36,26 @@ class Checkpoints(Protocol):
         """Load run's last checkpoint into `model` and `optimizer` on every rank: (trainer bookkeeping, rng)."""
 
 
+class Objective(Protocol):
+    """A loss other than the language model's next-token cross-entropy (the loop's own), for batches whose
+    samples are not token rows (contrastive pairs). The loop keeps the optimizer, schedule, clipping, evaluation,
+    checkpoints and resume; the objective owns the forward and backward of a step."""
+
+    metrics: tuple[str, ...]  # what score() measures besides the loss (logged with each evaluation)
+
+    def loss(self, net, x, y):
+        """The mean loss of one batch (x, y) of the sampler (first_loss: no grad, eval mode)."""
+
+    def backward(self, net, batches: list, dist, autocast) -> float:
+        """Forward and backward of one optimizer step: `batches` are this rank's micro-batches, `autocast()` the
+        loop's autocast context. The gradients must be those of the loss of the global batch (every micro-batch
+        of every rank) under DDP's mean over ranks; returns this rank's share such that the mean over ranks is
+        that loss."""
+
+    def score(self, net, x, y) -> tuple[float, float, dict]:
+        """One validation batch: (loss summed over its samples, samples, other metrics summed over them)."""
+
+
 @dataclass
 class Parts:
     """Everything the loop trains and on what."""
@@ -49,3 +69,4 @@ class Parts:
     checkpoints: Checkpoints
     baseline: Callable[[], float] | None = None  # a validation loss the model must beat (the unigram's)
     fresh: bool = False  # a new initialisation: its first loss should be near ln(vocabulary)
+    objective: Objective | None = None  # None: the language model's loss, the loop's own
