@@ -52,6 +52,9 @@ COMMANDS = {  # name: (module in this package, the line `lbdl --help` shows)
                        "merge --list`), or search a merge scored on tasks: `lbdl merge search`."),
     "rag": ("rag", "Retrieval-augmented generation: index your files (`lbdl rag index DOCS... --out INDEX`), then "
                    "retrieve from them and answer with a model (`lbdl rag query INDEX QUESTION --answer-with MODEL`)."),
+    "pipeline": ("pipeline", "Pipeline files: run lbdl steps from a TOML file, each rerun only when its options or "
+                             "inputs changed (`lbdl pipeline run FILE`), check one (`validate`), or see what would run "
+                             "(`show`)."),
     "convert": ("convert", "Re-save a model with its weights in another dtype (bfloat16 halves the size)."),
     "import": ("convert", "Import a Hugging Face model directory (safetensors, single or sharded)."),
     "export": ("convert", "Export a model for another tool: `--to hf` writes a transformers directory."),
