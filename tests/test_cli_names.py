@@ -44,7 +44,7 @@ def test_every_command_is_walked():
     paths = {path for path, _ in COMMANDS_}
     assert {"train", "eval perplexity", "quantize model", "quantize sweep", "tokenizer train", "merge run",
             "merge search"} <= paths
-    assert len(paths) == 26 and len(OPTIONS) > 150
+    assert len(paths) == 29 and len(OPTIONS) > 150
 
 
 @pytest.mark.parametrize("path,option", OPTIONS, ids=lambda v: v if isinstance(v, str) else v.opts[0])
