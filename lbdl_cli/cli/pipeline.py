@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from ..errors import ConfigError, RunFailed
 from .options import DefaultCommandGroup, group
@@ -19,9 +20,24 @@ FILE_ARG = typer.Argument(..., metavar="FILE", help="The pipeline file (TOML: [s
                           show_default=False)
 SET_OPTION = typer.Option([], "--set", metavar="SETTING", help="Override a step's field: STEP.field=value (the "
                           "value read as TOML: 20, 1e-3, true, [\"a\", \"b\"], else text); repeatable. [default: none]")
-FORCE_OPTION = typer.Option(None, "--force", metavar="STEP", is_flag=False, flag_value="*",
-                            help="Rerun every step, or the named one (put FILE first: `run FILE --force`). "
-                                 "[default: none]")
+FORCE_OPTION = typer.Option(None, "--force", metavar="STEP", help="Rerun every step (--force alone), or the named "
+                            "one. [default: none]")
+ALL = "*"  # the value of a bare --force
+
+
+class ForceCommand(TyperCommand):
+    """--force with an optional STEP: a bare --force (last, before another option, or before the .toml file)
+    means every step."""
+
+    def parse_args(self, ctx, args):
+        args = list(args)
+        for i, arg in enumerate(args):
+            if arg == "--":
+                break
+            nxt = args[i + 1] if i + 1 < len(args) else None
+            if arg == "--force" and (nxt is None or nxt.startswith("-") or nxt.endswith(".toml")):
+                args[i] = f"--force={ALL}"
+        return super().parse_args(ctx, args)
 FROM_OPTION = typer.Option(None, "--from", metavar="STEP", help="Rerun this step and every step after it. "
                            "[default: none]")
 ONLY_OPTION = typer.Option([], "--only", metavar="STEP", help="Run only this step (repeatable). [default: none]")
@@ -47,9 +63,13 @@ def find_command(words: tuple):
     for i, word in enumerate(words[1:], 1):
         subs = getattr(command, "commands", None)
         if not subs or word not in subs:
-            known = f"its commands: {', '.join(n for n, c in subs.items() if not c.hidden)}" if subs else \
-                "it takes no sub-command"
-            raise ConfigError(f"unknown command {said!r}: `lbdl {' '.join(words[:i])}` has no {word!r} ({known})")
+            import difflib
+
+            head, visible = " ".join(words[:i]), [n for n, c in (subs or {}).items() if not c.hidden]
+            close = difflib.get_close_matches(word, visible, n=1)
+            known = f"did you mean '{head} {close[0]}'?" if close else \
+                f"its commands: {', '.join(visible)}" if subs else "it takes no sub-command"
+            raise ConfigError(f"unknown command {said!r}: `lbdl {head}` has no {word!r} ({known})")
         command = subs[word]
     if hasattr(command, "commands"):
         if not isinstance(command, DefaultCommandGroup):
@@ -80,7 +100,7 @@ def _numbers(numbers: dict) -> str:
     return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v:,}" for k, v in numbers.items())
 
 
-@app.command("run")
+@app.command("run", cls=ForceCommand)
 def run(
     file: str = FILE_ARG,
     sets: List[str] = SET_OPTION,
@@ -94,7 +114,7 @@ def run(
     from ..pipeline import command_lines, run_pipeline, selection, shell_script
 
     pipeline = _load(file, sets)
-    choice = dict(force=() if force in (None, "*") else (force,), force_all=force == "*", only=tuple(only),
+    choice = dict(force=() if force in (None, ALL) else (force,), force_all=force == ALL, only=tuple(only),
                   start=start)
     if dry_run:
         lines = command_lines(pipeline, find_command)
@@ -153,7 +173,7 @@ def validate(
                           + ("" if as_json else " (listed above)"))
 
 
-@app.command("show")
+@app.command("show", cls=ForceCommand)
 def show(
     file: str = FILE_ARG,
     sets: List[str] = SET_OPTION,
@@ -166,8 +186,8 @@ def show(
     from ..pipeline import show as show_pipeline
 
     pipeline = _load(file, sets)
-    result = show_pipeline(pipeline, find_command, force=() if force in (None, "*") else (force,),
-                           force_all=force == "*", only=tuple(only), start=start)
+    result = show_pipeline(pipeline, find_command, force=() if force in (None, ALL) else (force,),
+                           force_all=force == ALL, only=tuple(only), start=start)
 
     def render():
         from rich.table import Table

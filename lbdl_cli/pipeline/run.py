@@ -67,6 +67,7 @@ class Hashes:
 
     def save(self) -> None:
         if self.changed:
+            self.known = {k: v for k, v in self.known.items() if os.path.exists(k)}  # deleted files forgotten
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_file(self.path, force=True) as tmp:
                 tmp.write_text(json.dumps(self.known), encoding="utf-8")

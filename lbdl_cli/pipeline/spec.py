@@ -291,6 +291,7 @@ def step_line(pipeline: Pipeline, step: Step, command) -> tuple[StepLine, list]:
 
     params = parameters(command)
     values: dict = {}
+    unresolved = set()
     ctx = command.context_class(command, info_name=step.command.split()[-1])
     for key, raw in step.fields.items():
         param = params.get(key)
@@ -312,7 +313,8 @@ def step_line(pipeline: Pipeline, step: Step, command) -> tuple[StepLine, list]:
             problem(f"{key}: step {e.args[0]} has no out to refer to (give it out = \"...\")", key)
             continue
         except (KeyError, RecursionError):
-            continue  # an unknown variable or step, a cycle of outs: reported while reading
+            unresolved.add(param.name)  # an unknown variable or step, a cycle of outs: reported while reading
+            continue
         many = param.multiple or param.nargs == -1
         if isinstance(value, list) and not many:
             problem(f"{key} takes one value, got the array {value!r}", key)
@@ -335,7 +337,7 @@ def step_line(pipeline: Pipeline, step: Step, command) -> tuple[StepLine, list]:
     positional, options = [], []
     for p in command.params:
         if p.name not in values:
-            if p.required and p.name != "as_json":
+            if p.required and p.name != "as_json" and p.name not in unresolved:
                 flag = next((o for o in p.opts if o.startswith("--")), None)
                 what = (f"argument {p.name}" if p.param_type_name == "argument"
                         else f"field {flag[2:].replace('-', '_')}")
