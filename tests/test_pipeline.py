@@ -232,7 +232,7 @@ def test_run_caches_reruns_downstream_and_stops_at_a_failure(tmp_path):
     (tmp_path / "t.txt").write_text("changed")
     result = run_pipeline(read_pipeline(path), find_command, runner=Recorder(fail="b"))
     assert [r["status"] for r in result["steps"]] == ["ran", "failed", "not run"]
-    assert not result["ok"] and result["failed"] == "b" and result["error"] == "lbdl: error: it went wrong"
+    assert not result["ok"] and result["failed"] == "b" and result["error"] == "it went wrong"
     assert (tmp_path / "a" / "argv.json").exists() and (tmp_path / "b").exists()
     run = Recorder()
     result = run_pipeline(read_pipeline(path), find_command, runner=run)

@@ -217,7 +217,10 @@ def _last_json(stdout: str) -> dict:
 
 def _error_line(stderr: str, stdout: str, code: int) -> str:
     text = [s for s in (stderr.strip() or stdout.strip()).splitlines() if s.strip()]
-    return text[-1].strip() if text else f"exit code {code}"
+    line = text[-1].strip() if text else f"exit code {code}"
+    for prefix in ("lbdl: error: ", "lbdl: "):  # the step's own one-line error, without the program's name
+        line = line.removeprefix(prefix)
+    return line
 
 
 def run_pipeline(pipeline: Pipeline, find_command, force=(), force_all: bool = False, only=(),
@@ -264,8 +267,7 @@ def run_pipeline(pipeline: Pipeline, find_command, force=(), force_all: bool = F
         if code != 0:
             failed, error = name, _error_line(stderr, stdout, code)
             row.update(status="failed", error=error, exit_code=code, stderr=stderr[-4000:])
-            report(progress, "pipeline", done, total, unit="steps", status=name, message=f"{name}: failed: {error}",
-                   level="warning")
+            report(progress, "pipeline", done, total, unit="steps", status=name, message=f"{name}: failed: {error}")
             continue
         result = _last_json(stdout)
         row.update(status="ran", result=result, numbers=key_numbers(result))
