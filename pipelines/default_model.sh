@@ -7,6 +7,9 @@
 # gives the same weights.
 #
 #   bash pipelines/default_model.sh [WORKDIR]     # then: cp -r WORKDIR/default/. models/default/
+#
+# The same recipe as a pipeline file, each step cached: pipelines/default_model.toml
+#   lbdl pipeline run pipelines/default_model.toml   # then: cp -r runs/default-model/default/. models/default/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=${1:-runs/default-model}
