@@ -12,7 +12,7 @@ from conftest import assert_round_trips
 from lbdl_cli.errors import ConfigError, DataError
 from lbdl_cli.rag.assemble import RagConfig, build_rag_prompt, sources_block
 from lbdl_cli.rag.chunk import ChunkConfig, Skipped, chunk_text, collect_files, read_document
-from lbdl_cli.rag.index import EMBEDDINGS_FILE, Index, IndexConfig, build_index
+from lbdl_cli.rag.index import EMBEDDINGS_FILE, Index, IndexConfig, build_index, load_index
 from lbdl_cli.rag.lexical import Lexical, terms
 from lbdl_cli.rag.retrieve import rrf, search
 
@@ -253,3 +253,26 @@ def test_rag_prompt_drops_the_lowest_ranked_sources_to_fit(tok):
     assert len(tok.encode(fitted.text, allow_special=True)) == fitted.tokens
     with pytest.raises(ConfigError, match="the question is .* tokens"):
         build_rag_prompt("why " * 200, hits, tok, context=64, max_new_tokens=8)
+
+
+def test_ranked_takes_the_best_with_ties_in_chunk_order():
+    from lbdl_cli.rag.retrieve import _ranked
+
+    scores = [0.0, 2.0, 1.0, 2.0, 3.0, 1.0, 0.0, 1.0]
+    assert _ranked(scores, 3) == [(4, 3.0), (1, 2.0), (3, 2.0)]
+    assert _ranked(scores, 4) == [(4, 3.0), (1, 2.0), (3, 2.0), (2, 1.0)]  # the tie at the cut: chunk order
+    assert _ranked(scores, 20, positive_only=True) == [(4, 3.0), (1, 2.0), (3, 2.0), (2, 1.0), (5, 1.0), (7, 1.0)]
+    assert _ranked(scores, 20)[-2:] == [(0, 0.0), (6, 0.0)]
+
+
+def test_a_dense_index_cuts_chunks_at_what_its_model_embeds_whole(model_dir, tmp_path):
+    from lbdl_cli.checkpoint import read_config
+
+    limit = read_config(model_dir)["model"]["block_size"] - 1
+    docs = tmp_path / "d.txt"
+    docs.write_text("word " * 2000)
+    r = build_index([str(docs)], tmp_path / "i", IndexConfig(model=str(model_dir), chunk_tokens=limit + 40,
+                                                             overlap=8))
+    meta = json.loads((tmp_path / "i" / "index.json").read_text())
+    assert meta["chunking"] == {"chunk_tokens": limit, "overlap": 8} and r["chunks"] > 1
+    assert max(c["tokens"] for c in load_index(tmp_path / "i").chunks) <= limit

@@ -60,9 +60,12 @@ class IndexConfig(ChunkConfig):
     compute_dtype: str = dtype_setting()
     device: str = device_setting()
 
-    @property
-    def chunking(self) -> ChunkConfig:
-        return ChunkConfig(chunk_tokens=self.chunk_tokens, overlap=self.overlap)
+    def chunking(self, limit: int | None = None) -> ChunkConfig:
+        """The chunk settings, the chunks cut at `limit` tokens (what the embedding model embeds whole) when
+        chunk_tokens is more."""
+        if limit is None or self.chunk_tokens <= limit:
+            return ChunkConfig(chunk_tokens=self.chunk_tokens, overlap=self.overlap)
+        return ChunkConfig(chunk_tokens=limit, overlap=min(self.overlap, limit // 2))
 
 
 def text_sha256(text: str) -> str:
@@ -162,6 +165,15 @@ def embedder_identity(cfg: IndexConfig) -> dict | None:
             "dim": config["model"]["n_embd"]}
 
 
+def embed_limit(identity: dict | None) -> int | None:
+    """The most tokens of a text the embedding model embeds whole (its context less the appended <eos>)."""
+    if identity is None:
+        return None
+    from ..checkpoint import read_config
+
+    return read_config(Path(identity["model"]))["model"]["block_size"] - 1
+
+
 def _tokenizer(identity: dict | None):
     """The index's tokenizer: its embedding model's, or the bundled model's for a lexical index."""
     from ..checkpoint import default_model_dir, model_tokenizer
@@ -169,8 +181,8 @@ def _tokenizer(identity: dict | None):
     return model_tokenizer(Path(identity["model"]) if identity else default_model_dir())
 
 
-def _settings(cfg: IndexConfig, tok, identity: dict | None) -> dict:
-    return {"chunking": cfg.chunking.to_dict(), "tokenizer_sha256": tok.sha256,
+def _settings(chunking: ChunkConfig, cfg: IndexConfig, tok, identity: dict | None) -> dict:
+    return {"chunking": chunking.to_dict(), "tokenizer_sha256": tok.sha256,
             "bm25": {"k1": K1, "b": B, "method": METHOD, "tokens": cfg.bm25_tokens}, "embedder": identity}
 
 
@@ -180,12 +192,6 @@ def _check_same(out: Path, old: dict, new: dict) -> None:
         raise ConfigError(f"index {out} was built with {what} {was}, this run gives {now}; give the same settings "
                           f"to update it, or --force to rebuild it")
 
-    if old.get("chunking") != new["chunking"]:
-        c, n = old.get("chunking") or {}, new["chunking"]
-        differ("chunk_tokens/overlap", f"{c.get('chunk_tokens')}/{c.get('overlap')}",
-               f"{n['chunk_tokens']}/{n['overlap']}")
-    if old.get("bm25", {}).get("tokens") != new["bm25"]["tokens"]:
-        differ("BM25 terms", old.get("bm25", {}).get("tokens"), new["bm25"]["tokens"])
     a, b = old.get("embedder"), new["embedder"]
     if (a is None) != (b is None) or (a is not None and not same_model(a, b)):
         def name(e):
@@ -194,6 +200,12 @@ def _check_same(out: Path, old: dict, new: dict) -> None:
                     f", adapter {e['adapter_sha256'][:12]}" if e.get("adapter_sha256") else "") +
                 f", {e['pooling']} pooling)")
         differ("the embedding", name(a), name(b))
+    if old.get("chunking") != new["chunking"]:
+        c, n = old.get("chunking") or {}, new["chunking"]
+        differ("chunk_tokens/overlap", f"{c.get('chunk_tokens')}/{c.get('overlap')}",
+               f"{n['chunk_tokens']}/{n['overlap']}")
+    if old.get("bm25", {}).get("tokens") != new["bm25"]["tokens"]:
+        differ("BM25 terms", old.get("bm25", {}).get("tokens"), new["bm25"]["tokens"])
     if old.get("tokenizer_sha256") != new["tokenizer_sha256"]:
         differ("tokenizer sha256", str(old.get("tokenizer_sha256"))[:12], new["tokenizer_sha256"][:12])
 
@@ -218,7 +230,12 @@ def build_index(docs: list[str], out: str | os.PathLike, cfg: IndexConfig | None
     documents = collect_files(docs, exclude=out)
     identity = embedder_identity(cfg)
     tok = _tokenizer(identity)
-    settings = _settings(cfg, tok, identity)
+    chunking = cfg.chunking(embed_limit(identity))
+    if chunking.chunk_tokens < cfg.chunk_tokens:
+        report(progress, "chunk", message=f"chunks cut at {chunking.chunk_tokens} tokens (overlap "
+                                          f"{chunking.overlap}): {identity['model']} embeds {chunking.chunk_tokens} "
+                                          f"tokens and the <eos> whole", level="warning")
+    settings = _settings(chunking, cfg, tok, identity)
     if old is not None:
         _check_same(out, old.meta, settings)
     old_files = old.meta.get("files", {}) if old is not None else {}
@@ -242,7 +259,7 @@ def build_index(docs: list[str], out: str | os.PathLike, cfg: IndexConfig | None
             mine = old_chunks.get(doc.name, [])
             unchanged += 1
         else:
-            mine = [c.to_dict() for c in chunk_text(text, doc.name, sha, tok, cfg.chunking)]
+            mine = [c.to_dict() for c in chunk_text(text, doc.name, sha, tok, chunking)]
             (changed if previous is not None else added).append(doc.name)
         files[doc.name] = {"sha256": sha, "size": doc.path.stat().st_size, "chunks": [c["id"] for c in mine]}
         chunks += mine

@@ -36,11 +36,17 @@ def rrf(rankings: Sequence[Sequence[int]], weights: Sequence[float] | None = Non
 
 
 def _ranked(scores, depth: int, positive_only: bool = False) -> list[tuple[int, float]]:
-    """(chunk, score) of the `depth` best scores, best first, ties by chunk order."""
-    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
-    if positive_only:
-        order = [i for i in order if scores[i] > 0]
-    return [(i, float(scores[i])) for i in order[:depth]]
+    """(chunk, score) of the `depth` best scores, best first, ties by chunk order. A partition picks the
+    candidates (every score tied with the depth-th best among them) so that only they are sorted."""
+    import numpy as np
+
+    s = np.asarray(scores, dtype=np.float64)
+    candidates = np.flatnonzero(s > 0) if positive_only else np.arange(len(s))
+    if len(candidates) > depth:
+        cut = -np.partition(-s[candidates], depth - 1)[depth - 1]  # the depth-th best score
+        candidates = candidates[s[candidates] >= cut]
+    order = sorted(candidates.tolist(), key=lambda i: (-s[i], i))[:depth]
+    return [(i, float(s[i])) for i in order]
 
 
 def default_mode(index: Index) -> str:
@@ -102,7 +108,7 @@ def search(index: Index | str | os.PathLike, question: str, k: int = 4, mode: st
             embedder = index_embedder(index)
         check_embedder(index, embedder)
         q = embedder.embed([question])[0]
-        lists["dense"] = _ranked((vectors @ q).tolist(), depth)
+        lists["dense"] = _ranked((vectors @ q).numpy(), depth)
     if mode == "hybrid":
         fused = rrf([[i for i, _ in lists["bm25"]], [i for i, _ in lists["dense"]]], weights, rrf_k)[:k]
     else:
