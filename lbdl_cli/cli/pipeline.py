@@ -138,6 +138,9 @@ def run(
         console.print(table)
         counts = {s: sum(r["status"] == s for r in result["steps"]) for s in ("ran", "cached", "failed")}
         console.print(f"{counts['ran']} ran, {counts['cached']} cached in {result['seconds']:.1f} s")
+        if result.get("report"):
+            console.print(f"report: {esc(result['report']['files'][0])}"
+                          + ("" if result["report"]["written"] else " (unchanged)"))
 
     emit(result, as_json, render)
     if not result["ok"]:

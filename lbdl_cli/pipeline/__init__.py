@@ -7,6 +7,10 @@
     [vars]                          # optional: {work} in any value below
     work = "runs/example"
 
+    [report]                        # optional: report.md + report.json after every successful run
+    out = "runs/example/report"     # relative to workdir
+    title = "Example"
+
     [steps.tok]
     command = "tokenizer train"     # the words after `lbdl`
     files = ["data/tinyshakespeare.txt"]     # a positional argument by its parameter name; lists are arrays
@@ -25,7 +29,8 @@ The rules:
   `--eval FILE` of `quantize sweep` is `eval`); booleans are true/false (--x / --no-x); --json is the
   runner's. Values are checked as the flags are (click's types, then the command's config: type, range,
   choices), before anything runs: `lbdl pipeline validate FILE` lists every problem with its TOML line.
-- `{steps.NAME.out}` is that step's `out` value (plain substitution: `{steps.run.out}/best` works);
+- `{steps.NAME.out}` is that step's `out` value (plain substitution: `{steps.run.out}/best` works); a step
+  without out but with png (`lbdl plot --png FILE`) has that file for its out;
   `{NAME}` is a [vars] value; `{{` and `}}` are literal braces. The references order the steps (ties in file
   order); a cycle is an error that names it.
 - The pipeline owns its steps' outputs: a command that has --force gets it (unless the step says
@@ -46,7 +51,13 @@ that record is written atomically only after the step succeeded. So a changed op
 changed. `--force` forces every step, `--force STEP` one; `--only STEP` runs just that step and
 `--from STEP` it and every step after it in the order (both forced; the others skipped).
 
-Modules: spec (read, order, check: steps as command lines) and run (fingerprints, state, show, run).
+The report. With a [report] table, a run that succeeded writes report.md and report.json into its out
+(atomically) from every step's JSON result (a step not run now: its last recorded one): every model the steps
+made or read (a run's best/, a base with an adapter, a merged or quantized directory, a sweep's variants) with
+its parameters, size, bits per weight, perplexity on each text and score on each task set; the training runs;
+the PNGs (`lbdl plot --png`, the sweep's); the generations. Unchanged results leave the report as it is.
+
+Modules: spec (read, order, check: steps as command lines), run (fingerprints, state, show, run) and report.
 """
 
 from .run import fingerprint, run_pipeline, selection, shell_script, show, subprocess_runner

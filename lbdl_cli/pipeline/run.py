@@ -278,5 +278,26 @@ def run_pipeline(pipeline: Pipeline, find_command, force=(), force_all: bool = F
         report(progress, "pipeline", done + 1, total, unit="steps", status=name,
                message=f"{name}: ran in {row['seconds']:.1f} s")
     hashes.save()
-    return {"pipeline": str(pipeline.path), "workdir": str(pipeline.workdir), "ok": failed is None,
-            "failed": failed, "error": error, "seconds": round(time.monotonic() - began, 3), "steps": rows}
+    result = {"pipeline": str(pipeline.path), "workdir": str(pipeline.workdir), "ok": failed is None,
+              "failed": failed, "error": error, "seconds": round(time.monotonic() - began, 3), "steps": rows}
+    if failed is None and pipeline.report.get("out"):
+        result["report"] = write_pipeline_report(pipeline, lines, rows)
+        result["seconds"] = round(time.monotonic() - began, 3)
+    return result
+
+
+def write_pipeline_report(pipeline: Pipeline, lines: dict, rows: list) -> dict:
+    """The [report] table's report.md and report.json from every step's result (a step not run now: its last
+    recorded one); not rewritten when those results are unchanged. Returns {out, files, written}."""
+    from .report import FILES, build_report, unchanged, write_report
+
+    out = pipeline.workdir / pipeline.report["out"]
+    title = pipeline.report.get("title", f"{pipeline.path.stem} pipeline report")
+    rows = [row if row["status"] != "skipped" else
+            {**row, "result": (read_state(pipeline, row["step"]) or {}).get("result", {})} for row in rows]
+    written = not unchanged(out, rows, lines, title)
+    if written:
+        report = build_report(rows, lines, pipeline.workdir, title=title, pipeline=str(pipeline.path))
+        write_report(report, out, pipeline.workdir)
+    return {"out": pipeline.report["out"], "files": [f"{pipeline.report['out']}/{f}" for f in FILES],
+            "written": written}

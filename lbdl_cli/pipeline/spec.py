@@ -20,6 +20,8 @@ from ..files import read_text
 NAME = re.compile(r"[A-Za-z0-9_-]+")
 REFERENCE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
 PIPELINE_KEYS = ("workdir", "state")
+REPORT_KEYS = ("out", "title")  # [report]: where report.md/.json go, its heading
+OUT_FIELDS = ("out", "png")  # a step's output: --out, or the file `lbdl plot --png` writes
 SPECIAL = ("command",)  # step keys that are not the command's fields
 
 FindCommand = Callable[[tuple], object]  # words after `lbdl` -> a click command; raises LbdlError when unknown
@@ -61,6 +63,7 @@ class Pipeline:
     steps: dict  # name -> Step, in file order
     order: tuple  # names, references first, ties in file order
     problems: tuple  # found while reading: references to missing steps or variables, a cycle
+    report: dict = field(default_factory=dict)  # the [report] table: out (relative to workdir), title
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,7 @@ class StepLine:
     argv: list  # words, then positional arguments, then options
     out: str | None  # its --out, references replaced
     values: list = field(default_factory=list)  # every text value but out: the candidates for input paths
+    given: dict = field(default_factory=dict)  # parameter name -> its value, references replaced (the report's)
 
 
 # --- reading ------------------------------------------------------------------------------------------------------
@@ -146,16 +150,21 @@ def read_pipeline(path, sets=()) -> Pipeline:
     data = _toml(text, f"pipeline file {path}")
     lines = _key_lines(text)
     where = str(path)
-    unknown = sorted(set(data) - {"pipeline", "vars", "steps"})
+    unknown = sorted(set(data) - {"pipeline", "vars", "steps", "report"})
     if unknown:
         line = lines.get(unknown[0], (0, {}))[0] or lines[""][1].get(unknown[0], 0)
-        raise PipelineError(f"{where}:{line}: unknown table [{unknown[0]}]; a pipeline has [pipeline], [vars] and "
-                            f"[steps.NAME] tables")
+        raise PipelineError(f"{where}:{line}: unknown table [{unknown[0]}]; a pipeline has [pipeline], [vars], "
+                            f"[report] and [steps.NAME] tables")
     settings = data.get("pipeline", {})
     bad = sorted(set(settings) - set(PIPELINE_KEYS))
     if bad:
         raise PipelineError(f"{where}:{lines['pipeline'][1].get(bad[0], 0)}: unknown key {bad[0]!r} in "
                             f"[pipeline]; valid keys: {', '.join(PIPELINE_KEYS)}")
+    report = data.get("report", {})
+    for key, value in report.items():
+        if key not in REPORT_KEYS or not isinstance(value, str) or not value.strip():
+            raise PipelineError(f"{where}:{lines['report'][1].get(key, 0)}: [report] {key} = {value!r}: the keys are "
+                                f"out = \"DIR\" (report.md and report.json, relative to workdir) and title = \"TEXT\"")
     variables = data.get("vars", {})
     for name, value in variables.items():
         if not isinstance(value, str) or not NAME.fullmatch(name) or name == "steps":
@@ -201,7 +210,7 @@ def read_pipeline(path, sets=()) -> Pipeline:
     if cycle:
         problems.append(Problem(f"the steps form a cycle: {' -> '.join(cycle)} (each names the next one's out); "
                                 f"break it", steps[cycle[0]].line, cycle[0]))
-    return Pipeline(path, workdir, state, dict(variables), steps, tuple(order), tuple(problems))
+    return Pipeline(path, workdir, state, dict(variables), steps, tuple(order), tuple(problems), dict(report))
 
 
 def _check_reference(ref: str, steps: dict, variables: dict) -> str | None:
@@ -283,7 +292,7 @@ def step_line(pipeline: Pipeline, step: Step, command) -> tuple[StepLine, list]:
             other = pipeline.steps.get(ref.split(".")[1])
             if other is None:
                 raise KeyError(ref)  # a missing step: reported while reading
-            out = other.fields.get("out")
+            out = next((other.fields[k] for k in OUT_FIELDS if k in other.fields), None)
             if not isinstance(out, str):
                 raise _NoOut(ref.split(".")[1])
             return substitute(out, lookup)
@@ -359,11 +368,13 @@ def step_line(pipeline: Pipeline, step: Step, command) -> tuple[StepLine, list]:
     force = next((p for p in command.params if p.name == "force" and getattr(p, "is_flag", False)), None)
     if force is not None and "force" not in values:
         options.append("--force")  # the pipeline owns its outputs: a rerun replaces them
-    out = values["out"][1] if "out" in values and isinstance(values["out"][1], str) else None
-    texts = [v for name, (_, value, _) in values.items() if name != "out"
+    named = next((k for k in OUT_FIELDS if k in values and isinstance(values[k][1], str)), None)
+    out = values[named][1] if named else None
+    texts = [v for name, (_, value, _) in values.items() if name != named
              for v in (value if isinstance(value, list) else [value]) if isinstance(v, str)]
     words = tuple(step.command.split())
-    return StepLine(step.name, words, [*words, *positional, *options], out, texts), problems
+    given = {name: value for name, (_, value, _) in values.items()}
+    return StepLine(step.name, words, [*words, *positional, *options], out, texts, given), problems
 
 
 class _NoOut(Exception):
