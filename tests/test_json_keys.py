@@ -14,8 +14,7 @@ import re
 
 import pytest
 from conftest import ROOT, tiny_model
-
-from tests.test_cli_names import COMMANDS_
+from test_cli_names import COMMANDS_
 
 DOC = ROOT / "docs" / "JSON.md"
 TYPES = {"string": str, "int": int, "number": (int, float), "bool": bool, "object": dict, "array": list,

@@ -6,8 +6,7 @@ from __future__ import annotations
 import shlex
 
 import pytest
-
-from tests.conftest import ROOT
+from conftest import ROOT
 
 PIPELINE = """[vars]
 work = "w"

@@ -8,12 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 from lbdl_cli.cli.pipeline import find_command
 from lbdl_cli.pipeline import PipelineError, StepLine, command_lines, read_pipeline, run_pipeline
 from lbdl_cli.pipeline import report as report_module
 from lbdl_cli.pipeline.report import build_report, markdown
-from tests.conftest import ROOT
 
 SWEEP = {"model": "pre/best", "eval": "shards/val.txt", "ctx": 64, "tokens": 900,
          "baseline": {"name": "F32", "bits_per_weight": 32.0, "size_bytes": 4000, "perplexity": 50.0,
