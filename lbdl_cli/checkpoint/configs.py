@@ -17,7 +17,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 PICKLE_FILES = ("pytorch_model.bin", "model.pt", "model.pth", "model.ckpt", "ckpt.pt")
 STORAGE_DTYPES = ("float32", "bfloat16")
-EXPORT_FORMATS = ("hf",)
+EXPORT_FORMATS = ("hf", "gguf")
 
 
 @dataclass(frozen=True)
@@ -49,13 +49,18 @@ class ImportConfig(Config):
     RENAMED = {"dtype": "weights_dtype"}
     weights_dtype: str = setting("auto", "Stored dtype of the weights: auto (as the checkpoint has it; float16 "
                                          "becomes float32) | float32 | bfloat16.", choices=DTYPE_CHOICES)
+    dequantize: bool = setting(False, "GGUF only: dequantize the tensors whose type lbdl has no blocks for "
+                                      "(Q6_K, IQ*...) to floats instead of refusing the file.")
 
 
 @dataclass(frozen=True)
 class ExportConfig(Config):
     """`lbdl export`."""
 
-    to: str = setting("hf", "Target format: hf (a transformers directory).", choices=EXPORT_FORMATS)
+    to: str = setting("hf", "Target format: hf (a transformers directory) | gguf (one llama.cpp file).",
+                      choices=EXPORT_FORMATS)
+    weights_dtype: str = setting("auto", "Dtype of the float weights: auto (as stored) | float32 | bfloat16 "
+                                         "(quantized blocks are written as they are).", choices=DTYPE_CHOICES)
 
 
 # --- presets, the bundled default model, a directory's config.json: no torch needed ----------------

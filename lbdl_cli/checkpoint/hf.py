@@ -293,13 +293,14 @@ def _special_ids(tok: Tokenizer | None) -> dict:
     return ids
 
 
-def export_hf(model_dir: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> dict:
+def export_hf(model_dir: str | os.PathLike, out: str | os.PathLike, force: bool = False,
+              dtype: torch.dtype | str | None = None) -> dict:
     """Write an lbdl model as a transformers directory: config.json (with the tokenizer's bos/eos/pad ids),
     model.safetensors, and with the model's tokenizer: tokenizer.json, tokenizer_config.json and
     special_tokens_map.json (`AutoTokenizer` encodes and decodes as lbdl does) beside lbdl's tokenizer.model."""
     check_out(out, force, inputs=(model_dir,))
     model_dir = Path(model_dir)
-    model, config = load_model(model_dir)
+    model, config = load_model(model_dir, dtype=dtype)
     if "quantization" in config:
         raise CheckpointError(f"{model_dir} is quantized; export the unquantized model (transformers cannot read "
                               f"lbdl's packed blocks)")
