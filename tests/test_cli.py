@@ -115,8 +115,8 @@ def test_import_export_commands(cli, tmp_path):
     hf.save_pretrained(tmp_path / "hf")
     r = cli("import", tmp_path / "hf", "--out", tmp_path / "m", "--json")
     assert r.code == 0 and r.json()["architecture"] == "LlamaForCausalLM"
-    r = cli("export", tmp_path / "m", "--to", "gguf", "--out", tmp_path / "x")
-    assert r.code == 2 and "to must be one of hf, got 'gguf'" in r.err
+    r = cli("export", tmp_path / "m", "--to", "onnx", "--out", tmp_path / "x")
+    assert r.code == 2 and "to must be one of hf, gguf, got 'onnx'" in r.err
     r = cli("export", tmp_path / "m", "--to", "hf", "--out", tmp_path / "hf2", "--json")
     assert r.code == 0 and r.json()["architecture"] == "LlamaForCausalLM"
     assert json.loads((tmp_path / "hf2" / "config.json").read_text())["num_key_value_heads"] == 2

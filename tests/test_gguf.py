@@ -16,7 +16,7 @@ from conftest import SEP, tiny_model
 from test_tokenizer import KNOWN
 
 from lbdl_cli.checkpoint import load_model, save_model
-from lbdl_cli.checkpoint.gguf import export_gguf, from_ggml_rope, import_gguf, read_gguf, to_ggml_rope
+from lbdl_cli.checkpoint.gguf import export_gguf, field_value, from_ggml_rope, import_gguf, read_gguf, to_ggml_rope
 from lbdl_cli.checkpoint.gguf_vocab import read_vocab
 from lbdl_cli.errors import CheckpointError
 from lbdl_cli.model import apply_rope, rope_tables
@@ -166,7 +166,7 @@ def test_metadata_and_tensor_names_read_back_with_gguf(name, tok_dir, tmp_path):
     r = export_gguf(src, tmp_path / "m.gguf")
     arch = "llama" if cfg["mlp"] == "swiglu" else "gpt2"
     reader = gguf.GGUFReader(tmp_path / "m.gguf")
-    f = {k: v.contents() for k, v in reader.fields.items()}
+    f = {k: field_value(v) for k, v in reader.fields.items()}
     assert f["general.architecture"] == arch == r["architecture"] and f["general.name"] == "my-model"
     expect = {"context_length": cfg["block_size"], "embedding_length": cfg["n_embd"], "block_count": cfg["n_layer"],
               "feed_forward_length": cfg["intermediate_size"], "attention.head_count": cfg["n_head"],
@@ -203,7 +203,7 @@ def test_the_vocabulary_read_back_is_the_sentencepiece_models(tok_dir, tmp_path)
     export_gguf(src, tmp_path / "m.gguf")
     proto = pb.ModelProto()
     proto.ParseFromString((tok_dir / "tokenizer.model").read_bytes())
-    f = {k: v.contents() for k, v in gguf.GGUFReader(tmp_path / "m.gguf").fields.items()}
+    f = {k: field_value(v) for k, v in gguf.GGUFReader(tmp_path / "m.gguf").fields.items()}
     assert f["tokenizer.ggml.model"] == "llama"
     assert f["tokenizer.ggml.tokens"] == [p.piece for p in proto.pieces]
     assert f["tokenizer.ggml.scores"] == [p.score for p in proto.pieces]  # float32 both
@@ -405,12 +405,12 @@ def test_types_lbdl_has_no_blocks_for_need_dequantize(tok_dir, tmp_path, cli):
 def rewrite(src: Path, dst: Path, drop=(), arch=None, add=None, replace=None) -> None:
     """A copy of a GGUF file with keys dropped or added, another architecture, tensors replaced by (data, type)."""
     reader = gguf.GGUFReader(src)
-    old_arch = reader.fields["general.architecture"].contents()
+    old_arch = field_value(reader.fields["general.architecture"])
     w = gguf.GGUFWriter(dst, arch or old_arch)
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key in drop or key == "general.architecture":
             continue
-        value = field.contents()
+        value = field_value(field)
         sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
         w.add_key_value(key.replace(f"{old_arch}.", f"{arch}.") if arch else key, value, field.types[0], sub_type=sub)
     for key, (value, kind) in (add or {}).items():

@@ -145,6 +145,9 @@ CASES = {
                       ()),
     ("export", ""): (lambda w: ["export", w["model"], "--to", "hf", "--out", w["root"] / "hf"], ()),
     ("import", ""): (lambda w: ["import", w["root"] / "hf", "--out", w["root"] / "imported"], (("export", ""),)),
+    ("export", "--to gguf"): (lambda w: ["export", w["model"], "--to", "gguf", "--out", w["root"] / "m.gguf"], ()),
+    ("import", "a GGUF file"): (lambda w: ["import", w["root"] / "m.gguf", "--out", w["root"] / "from-gguf"],
+                                (("export", "--to gguf"),)),
 }
 NOT_RUN: dict = {}  # documented modes the test does not run, and why (every mode runs: ~30 s on 2 cores in all)
 

@@ -246,12 +246,24 @@ def read_gguf(path: Path):
                               f"Hugging Face directory")
     try:
         reader = gguf.GGUFReader(path)
-        fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+        fields = {k: field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     except Exception as e:  # numpy and gguf raise many kinds on a cut or damaged file
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path} is a damaged or truncated GGUF file ({why}); export or download it "
                               f"again") from None
     return reader, fields
+
+
+def field_value(field):
+    """A GGUFReader field as a Python value: a str, a number, a bool or a list of them."""
+    from gguf import GGUFValueType
+
+    def item(i, kind):
+        return str(bytes(field.parts[i]), "utf-8") if kind == GGUFValueType.STRING else field.parts[i].tolist()[0]
+
+    if field.types[0] == GGUFValueType.ARRAY:
+        return [item(i, field.types[-1]) for i in field.data]
+    return item(field.data[0], field.types[0])
 
 
 def _float32(x) -> float:

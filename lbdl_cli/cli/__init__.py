@@ -56,8 +56,9 @@ COMMANDS = {  # name: (module in this package, the line `lbdl --help` shows)
                              "inputs changed (`lbdl pipeline run FILE`), check one (`validate`), or see what would run "
                              "(`show`)."),
     "convert": ("convert", "Re-save a model with its weights in another dtype (bfloat16 halves the size)."),
-    "import": ("convert", "Import a Hugging Face model directory (safetensors, single or sharded)."),
-    "export": ("convert", "Export a model for another tool: `--to hf` writes a transformers directory."),
+    "import": ("convert", "Import a Hugging Face model directory (safetensors, single or sharded) or a GGUF file."),
+    "export": ("convert", "Export a model for another tool: `--to hf` writes a transformers directory, `--to gguf` a "
+                          "llama.cpp file."),
 }
 
 
