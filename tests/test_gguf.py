@@ -16,7 +16,8 @@ from conftest import SEP, tiny_model
 from test_tokenizer import KNOWN
 
 from lbdl_cli.checkpoint import load_model, save_model
-from lbdl_cli.checkpoint.gguf import export_gguf, field_value, from_ggml_rope, import_gguf, read_gguf, to_ggml_rope
+from lbdl_cli.checkpoint.gguf import export_gguf, from_ggml_rope, to_ggml_rope
+from lbdl_cli.checkpoint.gguf_import import field_value, import_gguf, read_gguf
 from lbdl_cli.checkpoint.gguf_vocab import read_vocab
 from lbdl_cli.errors import CheckpointError
 from lbdl_cli.model import apply_rope, rope_tables

@@ -38,7 +38,7 @@ def import_(
 
         result = import_hf(source, out, dtype=cfg.weights_dtype, force=force)
     else:
-        from ..checkpoint.gguf import import_gguf
+        from ..checkpoint.gguf_import import import_gguf
 
         result = import_gguf(source, out, dtype=cfg.weights_dtype, dequantize=cfg.dequantize, force=force)
     kept = ", ".join(f"{n} {t}" for t, n in result.get("quantized", {}).items())
