@@ -246,7 +246,7 @@ def test_report_table_problems_name_their_line(tmp_path, table, message):
         read_pipeline(path)
 
 
-@pytest.mark.parametrize("name, steps", [("quickstart.toml", 21), ("default_model.toml", 5)])
+@pytest.mark.parametrize("name, steps", [("quickstart.toml", 23), ("default_model.toml", 5)])
 def test_the_shipped_pipelines_validate(cli, name, steps):
     r = cli("pipeline", "validate", ROOT / "pipelines" / name, "--json")
     assert r.code == 0 and r.json()["ok"] and len(r.json()["steps"]) == steps
