@@ -513,7 +513,10 @@ def test_without_the_gguf_package_the_error_names_the_extra(tok_dir, tmp_path, c
 
 # --- parity with llama.cpp (llama-cpp-python), when it is installed -------------------------------------------------
 
-LLAMA_CPP_TOLERANCE = {"F32": 0.02, "Q8_0": 0.1, "Q4_0": 0.1}  # max |logit difference| / max |logit|
+# max |logit difference| / max |logit|. Float: the same float32 arithmetic in another order (measured: under 0.1%).
+# Quantized: llama.cpp also quantizes the activations to 8 bits for its block dot products, where lbdl multiplies
+# float activations by the dequantized weights (measured: up to 2.5% on this model, Q8_0 and Q4_0 alike).
+LLAMA_CPP_TOLERANCE = {"F32": 0.002, "Q8_0": 0.05, "Q4_0": 0.05}
 
 
 @pytest.fixture(scope="module")
@@ -523,7 +526,7 @@ def llama_cpp():
 
 
 def peaked(tmp_path, tok_dir, family, qtype=None) -> Path:
-    """A model whose predictions are not flat (its weights scaled up), so that greedy decoding has no near-ties."""
+    """A model whose predictions are not flat (its weights scaled up): most positions have a clear best token."""
     model = tiny_model(3, family=family, vocab_size=V, n_embd=64, block_size=64)
     with torch.no_grad():
         for p in model.parameters():
@@ -539,6 +542,10 @@ def peaked(tmp_path, tok_dir, family, qtype=None) -> Path:
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("qtype", [None, "q8_0", "q4_0"])
 def test_llama_cpp_logits_and_greedy_tokens_match(llama_cpp, family, qtype, tok_dir, tmp_path):
+    """Float: the same logits and the same 32 greedy tokens, one at a time on both sides (llama.cpp's KV cache).
+    Quantized: lbdl's 32 greedy tokens read back by llama.cpp in one pass give the same logits within the
+    tolerance and the same argmax wherever lbdl's best token leads the next by more than twice the largest
+    difference seen (a closer race may go either way; most positions must qualify)."""
     import numpy as np
 
     src = peaked(tmp_path, tok_dir, family, qtype)
@@ -546,20 +553,28 @@ def test_llama_cpp_logits_and_greedy_tokens_match(llama_cpp, family, qtype, tok_
     llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=64, logits_all=True, n_threads=1, verbose=False)
     model, _ = load_model(src, quant_backend="dequantize")
     prompt = Tokenizer.load(tok_dir).encode("First Citizen:\nSpeak")
-    llm.reset()
-    llm.eval(prompt)
-    theirs = np.array(llm.scores[: len(prompt)])
+    ids = list(prompt)
     with torch.no_grad():
-        ours = model(torch.tensor([prompt]))[0].float().numpy()
-    scale = float(np.abs(ours).max())
-    assert float(np.abs(theirs - ours).max()) <= LLAMA_CPP_TOLERANCE[(qtype or "f32").upper()] * scale
-    ids, theirs_ids = list(prompt), []
-    for _ in range(32):  # greedy, one token at a time on both sides
-        with torch.no_grad():
+        for _ in range(32):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-        theirs_ids.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-        llm.eval([theirs_ids[-1]])
-    assert theirs_ids == ids[len(prompt):]
+        ours = model(torch.tensor([ids]))[0].float().numpy()
+    llm.reset()
+    if qtype is None:
+        llm.eval(prompt)
+        theirs_ids = []
+        for _ in range(32):
+            theirs_ids.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            llm.eval([theirs_ids[-1]])
+        assert theirs_ids == ids[len(prompt):]
+    else:
+        llm.eval(ids)
+    theirs = np.array(llm.scores[: len(ids)])
+    diff = np.abs(theirs - ours).max()
+    assert diff <= LLAMA_CPP_TOLERANCE[(qtype or "f32").upper()] * float(np.abs(ours).max())
+    top2 = np.sort(ours, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * diff
+    assert clear.mean() > 0.5
+    assert (theirs.argmax(1) == ours.argmax(1))[clear].all()
 
 
 def test_llama_cpp_tokenizes_as_lbdl(llama_cpp, tok_dir, tmp_path):
