@@ -5,6 +5,7 @@ Torch-free, layer 0: the tokenizer, the quantizer and the CLI read through here.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -99,3 +100,12 @@ def inside(root: str | os.PathLike, entry: str, what: str, error: type[LbdlError
     if Path(entry).is_absolute() or not path.resolve().is_relative_to(root.resolve()):
         raise error(f"{what} {entry!r} points outside {root}; every file it names must be inside that directory")
     return path
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, read in 16 MiB pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -33,22 +33,26 @@ def tiny_model(seed: int = 0, **overrides) -> GPT:
     return GPT(ModelConfig(**{**base, **overrides})).eval()
 
 
+def random_hf_model(arch: str):
+    """A freshly initialised (seed 0) Hugging Face GPT-2 or Llama (GQA) of vocabulary 113 and context 64."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=113, n_positions=64, n_embd=48,
+                                                                    n_layer=2, n_head=4))
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=113, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64))
+
+
 def imported_hf_model(arch: str, tmp_path, noise: float):
     """(transformers model, the same weights imported into lbdl): a random Hugging Face GPT-2 or
     Llama (GQA) of vocabulary 113 and context 64, its weights shaken by `noise` so that its
     predictions are not flat, saved with save_pretrained and loaded back through `lbdl import`."""
-    transformers = pytest.importorskip("transformers")
     from lbdl_cli.checkpoint import load_model
     from lbdl_cli.checkpoint.hf import import_hf
 
-    torch.manual_seed(0)
-    if arch == "gpt2":
-        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=113, n_positions=64, n_embd=48,
-                                                                  n_layer=2, n_head=4))
-    else:
-        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            vocab_size=113, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64))
+    hf = random_hf_model(arch)
     with torch.no_grad():
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * noise)

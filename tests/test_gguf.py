@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SEP, tiny_model
+from conftest import SEP, random_hf_model, tiny_model
 from test_tokenizer import KNOWN
 
 from lbdl_cli.checkpoint import load_model, save_model
@@ -355,15 +355,7 @@ def converter_file(hf, arch: str, path: Path) -> None:
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_a_converter_style_file_runs_as_transformers_does(arch, tmp_path):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    if arch == "gpt2":
-        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=113, n_positions=64, n_embd=48,
-                                                                  n_layer=2, n_head=4))
-    else:
-        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            vocab_size=113, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5))
+    hf = random_hf_model(arch)
     with torch.no_grad():
         for name, p in hf.named_parameters():
             p.copy_(torch.randn_like(p) * 0.1 + (1.0 if p.dim() == 1 and "weight" in name else 0.0))

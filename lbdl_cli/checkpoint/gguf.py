@@ -14,7 +14,6 @@ made. The `gguf` package (ggml's own writer and reader) is an optional extra: `p
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from .. import __version__
 from ..atomic import atomic_file, check_out
 from ..errors import CheckpointError, ConfigError
+from ..files import file_sha256
 from ..model import GPT, ModelConfig
 from . import (
     CONFIG_FILE,
@@ -120,14 +120,6 @@ def expected_shapes(cfg: ModelConfig, qtypes: dict[str, str]) -> dict[str, tuple
         if name in shapes:
             shapes[name] = (*shapes[name][:-1], FORMATS[t].row_bytes(shapes[name][-1]))
     return shapes
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --- export ------------------------------------------------------------------------------------

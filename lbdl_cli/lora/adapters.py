@@ -20,7 +20,6 @@ one shared A for q, k and v and B's rows split between them (the same product).
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import math
 import os
 import re
@@ -35,7 +34,7 @@ from ..atomic import atomic_dir
 from ..checkpoint import WEIGHTS_FILE, open_safetensors, save_tensors, write_json
 from ..checkpoint.hf import FAMILIES
 from ..errors import CheckpointError, ConfigError
-from ..files import read_json
+from ..files import file_sha256, read_json
 from ..model import Linear
 from .config import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ALL_LINEAR, PEFT_PREFIX, LoRAConfig, lora_scale
 
@@ -286,14 +285,6 @@ def _short_targets(adapted: list[str], every: list[str]) -> list[str]:
                 out.add(suffix)
                 break
     return sorted(out)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def base_sha256(base_dir: str | os.PathLike) -> str:
