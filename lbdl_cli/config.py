@@ -55,6 +55,16 @@ def dtype_setting(help: str = "Compute dtype: auto (the stored one, or what is f
     return setting("auto", help, choices=DTYPE_CHOICES)
 
 
+ENGINE_CHOICES = ("torch", "llama.cpp")
+
+
+def engine_setting():
+    """The `engine` field of the commands that generate or score text: lbdl's own, or llama.cpp's."""
+    return setting("torch", "Inference engine: torch (lbdl's), or llama.cpp (the model exported to GGUF once, "
+                            "cached, and run by llama-cpp-python: pip install 'lbdl[llama]'; merged models only).",
+                   choices=ENGINE_CHOICES)
+
+
 def device_setting(help: str = "auto (cuda when torch sees one) | cpu | cuda."):
     """The `device` field every command that runs a model shares (cuda:N is accepted too)."""
     return setting("auto", help, metavar="DEVICE")

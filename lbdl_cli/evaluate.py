@@ -33,6 +33,7 @@ from .config import (
     adapter_setting,
     device_setting,
     dtype_setting,
+    engine_setting,
     force_base_setting,
     setting,
 )
@@ -52,6 +53,7 @@ from .prompting import (
     resolve_method,
 )
 from .sample import SamplingConfig, generate, load_for_inference
+from .sample.loading import describe
 from .sample.run import stop_strings
 
 if TYPE_CHECKING:
@@ -76,6 +78,7 @@ class PerplexityConfig(Config):
     batch_size: int = setting(8, "Windows per forward pass.", low=1, high=1 << 16)
     compute_dtype: str = dtype_setting()
     device: str = device_setting()
+    engine: str = engine_setting()
     adapter: str | None = adapter_setting()
     force_base: bool = force_base_setting()
 
@@ -110,6 +113,7 @@ class TaskConfig(Config):
     show: int = setting(0, "Print the first N records with their completions.", low=0, high=1 << 30)
     compute_dtype: str = dtype_setting()
     device: str = device_setting()
+    engine: str = engine_setting()
     adapter: str | None = adapter_setting()
     force_base: bool = force_base_setting()
 
@@ -185,7 +189,7 @@ def perplexity(model, ids, ctx: int, stride: int | None = None, batch_size: int 
     if lo < 0 or hi >= vocab:
         raise DataError(f"token id {lo if lo < 0 else hi} is out of range for the model's vocabulary of {vocab}")
     plan = windows(n, ctx, stride)
-    device = model.tok_emb.weight.device
+    device = model.device
     if token_bytes is not None:
         token_bytes = torch.as_tensor(token_bytes, dtype=torch.long)
     total = total_sq = 0.0
@@ -269,7 +273,8 @@ def perplexity_of_file(model_dir: str | os.PathLike | None, path: str | os.PathL
     cfg = cfg or PerplexityConfig()
     text = read_text(path, "text file")
     model, tok, _ = load_for_inference(model_dir, cfg.compute_dtype, cfg.device, progress=progress,
-                                       adapter=cfg.adapter, force_base=cfg.force_base)
+                                       adapter=cfg.adapter, force_base=cfg.force_base,
+                                       engine=cfg.engine)
     ctx = model.config.block_size if cfg.context is None else cfg.context
     ids, byte_args = scoring_inputs(tok, text)
     n_bytes = len(text.encode("utf-8"))
@@ -278,10 +283,8 @@ def perplexity_of_file(model_dir: str | os.PathLike | None, path: str | os.PathL
                             **byte_args)
     except DataError as e:
         raise DataError(f"{path}: {e}") from None
-    weight = model.tok_emb.weight
     return {"model": str(model_dir) if model_dir is not None else "default", "file": str(path),
-            "file_tokens": len(ids), "file_bytes": n_bytes, "dtype": str(weight.dtype).replace("torch.", ""),
-            "device": str(weight.device), **result}
+            "file_tokens": len(ids), "file_bytes": n_bytes, **describe(model), **result}
 
 
 # --- task accuracy --------------------------------------------------------------------------
@@ -394,7 +397,8 @@ def task_accuracy_of_file(model_dir: str | os.PathLike | None, path: str | os.Pa
     cfg = cfg or TaskConfig()
     records, shots = _checked_tasks(path, cfg, prompt)
     model, tok, _ = load_for_inference(model_dir, cfg.compute_dtype, cfg.device, progress=progress,
-                                       adapter=cfg.adapter, force_base=cfg.force_base)
+                                       adapter=cfg.adapter, force_base=cfg.force_base,
+                                       engine=cfg.engine)
     result = _task_run(model, tok, records, cfg, prompt, shots, progress)
     return {"model": str(model_dir) if model_dir is not None else "default", "file": str(path), **result}
 
@@ -470,7 +474,8 @@ def compare_strategies(model_dir, path, cfg: TaskConfig, prompt: PromptConfig, s
     configs = [strategy_configs(name, cfg, prompt) for name in strategies]
     records, shots = _checked_tasks(path, cfg, prompt)
     model, tok, _ = load_for_inference(model_dir, cfg.compute_dtype, cfg.device, progress=progress,
-                                       adapter=cfg.adapter, force_base=cfg.force_base)
+                                       adapter=cfg.adapter, force_base=cfg.force_base,
+                                       engine=cfg.engine)
     runs = [_task_run(model, tok, records, c, p, shots, progress) for c, p in configs]
     hits = [[r["correct"] for r in run["records"]] for run in runs]
     rows = [{"strategy": name, "chains": run["chains"], "temperature": c.temperature, **{k: run[k] for k in (

@@ -419,6 +419,11 @@ class GPT(nn.Module):
             elif isinstance(m, CausalSelfAttention):
                 m.dropout = p
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (the token embedding's device)."""
+        return self.tok_emb.weight.device
+
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """A cache in the weights' dtype, but float32 on a CPU: there attention with one
         query (decoding) runs several times faster in float32 than in bfloat16. It also

@@ -436,7 +436,8 @@ def prompted_generation(model_dir, query: str, prompt: PromptConfig, chains: Cha
     check_chains(chains, gen.sampling)
     shots = load_shots(prompt.shots) if prompt.shots else None  # a bad shots file before the model loads
     model, tok, _ = load_for_inference(model_dir, gen.compute_dtype, gen.device, progress=progress,
-                                       adapter=gen.adapter, force_base=gen.force_base)
+                                       adapter=gen.adapter, force_base=gen.force_base,
+                                       engine=gen.engine)
     built = build_prompt(query, prompt, shots, tok, model.config.block_size, gen.sampling.max_new_tokens)
     return {"model": str(model_dir) if model_dir is not None else "default", "prompt": built.text,
             "shots_used": built.shots_used, "shots_dropped": built.shots_dropped,

@@ -40,6 +40,10 @@ class ScriptedLM(nn.Module):
         self.tok_emb = nn.Embedding(vocab, 8)
         self.script, self.prompt_len = list(script), prompt_len
 
+    @property
+    def device(self):
+        return self.tok_emb.weight.device
+
     def new_cache(self, batch_size, max_len=None):
         return type("Cache", (), {"length": 0})()
 

@@ -7,7 +7,7 @@ import typer
 from ..evaluate import PerplexityConfig, TaskConfig
 from ..prompting import PromptConfig
 from .options import build, config_options, file_argument, group, model_argument
-from .output import JSON_OPTION, console, emit, esc, progress_view
+from .output import JSON_OPTION, console, emit, esc, progress_view, runs_on
 
 app = group("Evaluate a model: perplexity of a text, accuracy on a task file.")
 
@@ -42,7 +42,7 @@ def perplexity(
             console.print(f"[bold]bits/byte[/bold]  {result['bits_per_byte']:.4f}")
         console.print(f"[bold]tokens[/bold]     {result['tokens']:,} scored, {result['tokens_evaluated']:,} evaluated "
                       f"({result['file_tokens']:,} in the file); {result['tokens_per_s']:,.0f} tokens/s "
-                      f"({result['device']}, {result['dtype']})")
+                      f"({runs_on(result)})")
 
     emit(result, as_json, render)
 

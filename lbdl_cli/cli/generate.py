@@ -15,7 +15,7 @@ from ..prompting import ChainConfig, PromptConfig
 from ..rag.assemble import RagConfig
 from ..sample.run import GenerateConfig
 from .options import build, complete_model_dirs, config_options, optional
-from .output import JSON_OPTION, console, emit, err_console, progress_view
+from .output import JSON_OPTION, console, emit, err_console, progress_view, runs_on
 
 
 def register(app: typer.Typer) -> None:
@@ -130,7 +130,7 @@ def generate(
         err_console.print(
             f"[dim]{result['prompt_tokens']} prompt + {result['new_tokens']} new tokens ({', '.join(reasons)}); "
             f"prefill {result['prefill_tokens_per_s']:,.0f} tok/s, decode {result['decode_tokens_per_s']:,.1f} tok/s "
-            f"({result['device']}, {result['dtype']})[/dim]", soft_wrap=True)
+            f"({runs_on(result)})[/dim]", soft_wrap=True)
 
     emit(result, as_json, render)
 

@@ -96,6 +96,12 @@ def inline(value) -> str:
     return str(value)
 
 
+def runs_on(result: dict) -> str:
+    """Where a generation or evaluation ran: "cpu, float32", or "llama.cpp, cpu, q8_0" with that engine."""
+    engine = result.get("engine", "torch")
+    return ("" if engine == "torch" else f"{engine}, ") + f"{result['device']}, {result['dtype']}"
+
+
 def human_count(n: float) -> str:
     for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:

@@ -129,7 +129,8 @@ def rag_generation(model_dir, question: str, index_dir: str | os.PathLike, rag: 
         embedder = index_embedder(index, embed_model, gen.compute_dtype, gen.device, progress)
     hits = search(index, question, rag.k, mode, embedder, rag.weights, rag.rrf_k)
     model, tok, _ = load_for_inference(model_dir, gen.compute_dtype, gen.device, progress=progress,
-                                       adapter=gen.adapter, force_base=gen.force_base)
+                                       adapter=gen.adapter, force_base=gen.force_base,
+                                       engine=gen.engine)
     built = build_rag_prompt(question, hits, tok, model.config.block_size, gen.sampling.max_new_tokens, rag,
                              prompt, shots)
     if built.sources_dropped:

@@ -23,6 +23,10 @@ once per token: q, k and v are one matrix multiply (model.py), the KV cache is
 float32 and sized for the prompt plus max_new_tokens, and every product runs
 through the kernel that is fastest for its rows, dtype and layout, chosen per
 call (`lbdl_cli.kernels`; `load_for_inference` lays the matrices out for them).
+
+`load_for_inference(..., engine="llama.cpp")` returns instead an `engine.LlamaCppModel`: the directory exported to
+GGUF (once, into the user's cache) and run by llama.cpp through llama-cpp-python. It answers the same calls as
+GPT, so `generate`, the processors, stop strings and perplexity are the same code for both engines.
 """
 
 from .decode import Generation, NoticeCallback, generate, summarize

@@ -83,7 +83,7 @@ def generate(model, tokenizer, prompts: list[str] | str | list[list[int]], confi
     groups: dict[int, list[int]] = {}
     for i, ids in enumerate(encoded):
         groups.setdefault(len(ids), []).append(i)
-    device = model.tok_emb.weight.device
+    device = model.device
     generator = torch.Generator(device=device)
     if config.seed is not None:
         generator.manual_seed(config.seed)
@@ -147,7 +147,7 @@ def _decode(model, tokenizer, prompt_ids: list[list[int]], rows, num_samples, co
 
     from ..model import KVCache
 
-    device = model.tok_emb.weight.device
+    device = model.device
     block = model.config.block_size
     B, L = len(rows), len(prompt_ids[0])
     vocab = model.config.vocab_size

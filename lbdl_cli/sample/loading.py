@@ -14,10 +14,11 @@ if TYPE_CHECKING:
 
 def load_for_inference(model_arg: str | os.PathLike | None, dtype: str | torch.dtype | None = None,
                        device: str | torch.device | None = "cpu", progress: Progress | None = None,
-                       adapter: str | os.PathLike | None = None, force_base: bool = False):
+                       adapter: str | os.PathLike | None = None, force_base: bool = False, engine: str = "torch"):
     """(model, tokenizer, config.json) of a model directory; None = the bundled default model. `adapter`, a LoRA
     adapter directory, is applied (its recorded base hash checked unless `force_base`) and, on a float base,
-    merged in memory; nothing is written.
+    merged in memory; nothing is written. engine="llama.cpp": the model is engine.LlamaCppModel, the directory
+    exported to GGUF (its float matrices in `dtype`; auto: as stored) and run by llama.cpp on the CPU.
 
     The compute dtype is kernels.compute_dtype's: dtype None or "auto" keeps float32, turns float16 into
     float32 on a CPU, and keeps bfloat16 on a CPU only where this machine computes it faster than float32;
@@ -30,6 +31,11 @@ def load_for_inference(model_arg: str | os.PathLike | None, dtype: str | torch.d
 
     dir = Path(model_arg) if model_arg is not None else default_model_dir()
     tok = model_tokenizer(dir, read_config(dir))  # a missing or foreign directory or tokenizer fails here
+    if engine != "torch":
+        from .engine import check_engine_options, load_llama_cpp
+
+        check_engine_options(engine, device, adapter)
+        return load_llama_cpp(dir, dtype, progress), tok, read_config(dir)
     device = kernels.resolve_device(device)
     if isinstance(dtype, str) or dtype is None:
         dtype = parse_dtype(dtype)
@@ -46,6 +52,14 @@ def load_for_inference(model_arg: str | os.PathLike | None, dtype: str | torch.d
         model.to(device)
     kernels.inference_layout(model.matrices())
     return model, tok, config
+
+
+def describe(model) -> dict:
+    """The engine, device and dtype a result reports of a loaded model (llama.cpp: the GGUF file's type)."""
+    if hasattr(model, "file_type"):
+        return {"engine": "llama.cpp", "device": str(model.device), "dtype": model.file_type.lower()}
+    weight = model.tok_emb.weight
+    return {"engine": "torch", "device": str(weight.device), "dtype": str(weight.dtype).replace("torch.", "")}
 
 
 def _stored_dtype(dir: Path) -> torch.dtype:

@@ -12,11 +12,11 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from ..config import adapter_setting, device_setting, dtype_setting, force_base_setting, setting
+from ..config import adapter_setting, device_setting, dtype_setting, engine_setting, force_base_setting, setting
 from ..errors import ConfigError
 from ..progress import Progress, report
 from .decode import generate, summarize
-from .loading import load_for_inference
+from .loading import describe, load_for_inference
 from .processors import SamplingConfig
 from .text import encode_prompt, unescape
 
@@ -36,6 +36,7 @@ class GenerateConfig(SamplingConfig):
     each_line: bool = setting(False, "Every non-empty line of the prompt is a prompt of its own (one batch).")
     compute_dtype: str = dtype_setting()
     device: str = device_setting()
+    engine: str = engine_setting()
     adapter: str | None = adapter_setting()
     force_base: bool = force_base_setting()
 
@@ -66,7 +67,8 @@ def generate_text(model_dir: str | os.PathLike | None, prompt: str, cfg: Generat
     prompts = split_prompts(prompt, cfg.each_line)
     sampling = cfg.sampling
     model, tok, _ = load_for_inference(model_dir, cfg.compute_dtype, cfg.device, progress=progress,
-                                       adapter=cfg.adapter, force_base=cfg.force_base)
+                                       adapter=cfg.adapter, force_base=cfg.force_base,
+                                       engine=cfg.engine)
     for i, p in enumerate(prompts):  # refuse a bad prompt before anything is written
         encode_prompt(tok, p, i if len(prompts) > 1 else None)
     stream = on_text is not None and len(prompts) * cfg.num_samples == 1
@@ -75,7 +77,6 @@ def generate_text(model_dir: str | os.PathLike | None, prompt: str, cfg: Generat
     results = generate(model, tok, prompts, sampling, num_samples=cfg.num_samples,
                        on_token=(lambda index, text: on_text(text)) if stream else None,
                        on_notice=lambda m: report(progress, "generate", message=m, level="warning"))
-    weight = model.tok_emb.weight
-    return {"model": str(model_dir) if model_dir is not None else "default", "device": str(weight.device),
-            "dtype": str(weight.dtype).replace("torch.", ""), "sampling": sampling.to_dict(),
+    return {"model": str(model_dir) if model_dir is not None else "default", **describe(model),
+            "sampling": sampling.to_dict(),
             "num_samples": cfg.num_samples, **summarize(results), "results": [g.to_dict() for g in results]}
