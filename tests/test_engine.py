@@ -159,3 +159,34 @@ def test_cli_generate_and_perplexity_name_the_engine(llama_cpp, tok_dir, tmp_pat
     (tmp_path / "t.txt").write_text(TEXT * 30)
     r = cli("eval", "perplexity", src, tmp_path / "t.txt", "--engine", "llama.cpp", "--json")
     assert r.code == 0 and r.json()["engine"] == "llama.cpp" and r.json()["perplexity"] > 1
+
+
+def llama_perplexity_tool():
+    """llama.cpp's llama-perplexity: $LLAMA_CPP_BIN/llama-perplexity, else on PATH (benchmarks/bench_llama_cpp.py
+    builds it into WORK/llama.cpp/build/bin)."""
+    import os
+
+    folder = os.environ.get("LLAMA_CPP_BIN")
+    path = os.path.join(folder, "llama-perplexity") if folder else shutil.which("llama-perplexity")
+    if not path or not os.path.isfile(path):
+        pytest.skip("llama-perplexity not found: set LLAMA_CPP_BIN to the folder of llama.cpp's tools")
+    return path
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_llama_perplexity_gives_lbdls_number(llama_cpp, family, tok_dir, tmp_path):
+    """llama-perplexity on the engine's export against `lbdl eval perplexity` (torch engine, llama.cpp convention)
+    on the same text and context: within 0.1%, as the issue asks."""
+    import re
+    import subprocess
+
+    from lbdl_cli.sample.engine import cached_gguf
+
+    tool = llama_perplexity_tool()
+    src = peaked(tmp_path, tok_dir, family, block_size=64)
+    (tmp_path / "t.txt").write_text(TEXT * 40)
+    ours = perplexity_of_file(src, tmp_path / "t.txt", PerplexityConfig(context=64, compute_dtype="float32"))
+    run = subprocess.run([tool, "-m", str(cached_gguf(src)), "-f", str(tmp_path / "t.txt"), "-c", "64", "-t", "1"],
+                         capture_output=True, text=True, check=True)
+    theirs = float(re.search(r"Final estimate: PPL = ([0-9.]+)", run.stdout + run.stderr).group(1))
+    assert abs(theirs / ours["perplexity"] - 1) < 1e-3, (theirs, ours["perplexity"])

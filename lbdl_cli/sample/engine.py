@@ -209,85 +209,79 @@ class LlamaCppModel:
 
     # --- decoding ------------------------------------------------------------------------
 
-    def _decode(self, tokens: list[tuple[int, int, int, bool]]):
-        """Decode (token, position, sequence, wants logits) entries as one batch: the logits (n, V) of those
-        that want them, in order, as float32 numpy."""
-        import numpy as np
+    def _decode(self, tokens: list[int], positions: list[int], seqs: list[int], wants: list[bool]) -> torch.Tensor:
+        """Decode tokens (at their positions, in their sequences) as one batch: the logits (n, V) of those that
+        want them, in order, float32, copied out of llama.cpp's buffer (which the next decode reuses); ids the
+        file's vocabulary lacks (none in lbdl's exports) at -inf."""
+        import ctypes
+
+        import torch
 
         lc, b = self._lc, self._batch
-        for i, (token, pos, seq, wants) in enumerate(tokens):
-            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, wants
-            b.seq_id[i][0] = seq
+        token, pos, n_seq_id, seq_id, logits = b.token, b.pos, b.n_seq_id, b.seq_id, b.logits
+        for i, t in enumerate(tokens):
+            token[i], pos[i], n_seq_id[i], logits[i] = t, positions[i], 1, wants[i]
+            seq_id[i][0] = seqs[i]
         b.n_tokens = len(tokens)
         code = lc.llama_decode(self._ctx, b)
         if code != 0:
             raise CheckpointError(f"llama.cpp could not decode a batch of {len(tokens)} tokens (llama_decode "
                                   f"returned {code}) with {self.path}{_said()}")
-        n = sum(1 for t in tokens if t[3])
-        if not n:
-            return np.empty((0, self.n_vocab), dtype=np.float32)
-        return np.ctypeslib.as_array(lc.llama_get_logits(self._ctx), shape=(n, self.n_vocab))
+        out = torch.empty(sum(wants), self.n_vocab)
+        if out.numel():
+            ctypes.memmove(out.data_ptr(), lc.llama_get_logits(self._ctx), out.nbytes)
+        if self.n_vocab < self.config.vocab_size:
+            out = torch.cat([out, out.new_full((len(out), self.config.vocab_size - self.n_vocab), -float("inf"))], 1)
+        return out
 
-    def _prefill(self, ids: list[int], seq: int, start: int, keep: int):
+    def _prefill(self, ids: list[int], seq: int, start: int, keep: int) -> torch.Tensor:
         """Decode one sequence's tokens from position `start`, in pieces of the batch's length: the logits
         (keep, V) of its last `keep` tokens."""
-        import numpy as np
+        import torch
 
-        out, n = [], len(ids)
-        for lo in range(0, n, self._batch_len):
-            piece = ids[lo:lo + self._batch_len]
-            out.append(np.array(self._decode([(t, start + lo + j, seq, lo + j >= n - keep)
-                                              for j, t in enumerate(piece)])))
-        return np.concatenate(out)
+        out, n, step = [], len(ids), self._batch_len
+        for lo in range(0, n, step):
+            piece = ids[lo:lo + step]
+            out.append(self._decode(piece, range(start + lo, start + lo + len(piece)), [seq] * len(piece),
+                                    [lo + j >= n - keep for j in range(len(piece))]))
+        return torch.cat(out) if len(out) > 1 else out[0]
 
     def __call__(self, idx: torch.Tensor, cache: LlamaCppCache | None = None, logits_to_keep: int = 0):
         """idx (B, T) token ids -> float32 logits (B, keep, V): keep = logits_to_keep, or T when 0. Without a
         cache every row is scored from position 0; with one, the rows continue from `cache.length`."""
-        import numpy as np
+        import torch
 
         B, T = idx.shape
         keep = min(logits_to_keep, T) if logits_to_keep > 0 else T
         rows = idx.tolist()
+        lc = self._lc
         if cache is None:
             self._context(1, T)
-            memory = self._lc.llama_get_memory(self._ctx)
+            memory = lc.llama_get_memory(self._ctx)
             out = []
             for row in rows:
-                self._lc.llama_memory_clear(memory, True)
+                lc.llama_memory_clear(memory, True)
                 out.append(self._prefill(row, 0, 0, keep))
-            return self._logits(np.stack(out))
+            return torch.stack(out)
         start = cache.length
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} positions is longer than block_size {self.config.block_size}")
-        memory = self._lc.llama_get_memory(self._ctx)
         if cache.filled > start:  # the window slid: forget what is past the new length
-            self._lc.llama_memory_seq_rm(memory, -1, start, -1)
-        if T == 1:  # one decode step of every row, together
-            logits = self._decode([(row[0], start, s, True) for s, row in enumerate(rows)])[:, None]
-        else:
-            first: dict[tuple, int] = {}  # a row's tokens -> the sequence that decoded them
-            logits = np.empty((B, keep, self.n_vocab), dtype=np.float32)
-            for s, row in enumerate(rows):
-                done = first.get(tuple(row)) if start == 0 else None
-                if done is None:
-                    first[tuple(row)] = s
-                    logits[s] = self._prefill(row, s, start, keep)
-                else:  # the same prompt: share its cells
-                    self._lc.llama_memory_seq_cp(memory, done, s, -1, -1)
-                    logits[s] = logits[done]
+            lc.llama_memory_seq_rm(lc.llama_get_memory(self._ctx), -1, start, -1)
         cache.length = cache.filled = start + T
-        return self._logits(logits)
-
-    def _logits(self, array) -> torch.Tensor:
-        """float32 torch logits of the model's vocabulary (ids the file's vocabulary lacks at -inf)."""
-        import numpy as np
-        import torch
-
-        t = torch.from_numpy(np.array(array, dtype=np.float32))  # a copy: llama.cpp reuses its buffer
-        if self.n_vocab < self.config.vocab_size:
-            pad = t.new_full((*t.shape[:-1], self.config.vocab_size - self.n_vocab), -float("inf"))
-            t = torch.cat([t, pad], dim=-1)
-        return t
+        if T == 1:  # one decode step of every row, together
+            return self._decode([row[0] for row in rows], [start] * B, range(B), [True] * B)[:, None]
+        first: dict[tuple, int] = {}  # a row's tokens -> the sequence that decoded them
+        logits = []
+        for s, row in enumerate(rows):
+            done = first.get(tuple(row)) if start == 0 else None
+            if done is None:
+                first[tuple(row)] = s
+                logits.append(self._prefill(row, s, start, keep))
+            else:  # the same prompt: share its cells
+                lc.llama_memory_seq_cp(lc.llama_get_memory(self._ctx), done, s, -1, -1)
+                logits.append(logits[done])
+        return torch.stack(logits)
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> LlamaCppCache:
         """An empty cache of `batch_size` rows (the context is emptied: one cache at a time)."""
