@@ -107,10 +107,12 @@ def llama_perplexity(tool: Path, gguf: Path, text: Path, ctx: int, threads: int,
     args = [str(tool), "-m", str(gguf), "-f", str(text), "-c", str(ctx), "-t", str(threads)]
     if chunks:
         args += ["--chunks", str(chunks)]
+    log_path = Path(gguf).with_suffix(".perplexity.log")
     t0 = time.perf_counter()
-    log = subprocess.run(args, check=True, capture_output=True, text=True)
+    with open(log_path, "w") as log:  # into a file: through pipes the tail of its log (the estimate) got lost
+        subprocess.run(args, check=True, stdout=log, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - t0
-    text_out = log.stdout + log.stderr
+    text_out = log_path.read_text()
     ppl = float(re.search(r"Final estimate: PPL = ([0-9.]+)", text_out).group(1))
     n = int(re.search(r"calculating perplexity over (\d+) chunks", text_out).group(1))
     return {"perplexity": ppl, "tokens_per_s": n * ctx / seconds}

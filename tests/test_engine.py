@@ -186,7 +186,11 @@ def test_llama_perplexity_gives_lbdls_number(llama_cpp, family, tok_dir, tmp_pat
     src = peaked(tmp_path, tok_dir, family, block_size=64)
     (tmp_path / "t.txt").write_text(TEXT * 40)
     ours = perplexity_of_file(src, tmp_path / "t.txt", PerplexityConfig(context=64, compute_dtype="float32"))
-    run = subprocess.run([tool, "-m", str(cached_gguf(src)), "-f", str(tmp_path / "t.txt"), "-c", "64", "-t", "1"],
-                         capture_output=True, text=True, check=True)
-    theirs = float(re.search(r"Final estimate: PPL = ([0-9.]+)", run.stdout + run.stderr).group(1))
+    with open(tmp_path / "log.txt", "w") as log:  # into a file: through pipes its log thread's tail got lost
+        subprocess.run([tool, "-m", str(cached_gguf(src)), "-f", str(tmp_path / "t.txt"), "-c", "64", "-t", "1"],
+                       stdout=log, stderr=subprocess.STDOUT, check=True)
+    output = (tmp_path / "log.txt").read_text()
+    found = re.search(r"Final estimate: PPL = ([0-9.]+)", output)
+    assert found, output[-2000:]
+    theirs = float(found.group(1))
     assert abs(theirs / ours["perplexity"] - 1) < 1e-3, (theirs, ours["perplexity"])

@@ -56,7 +56,9 @@ def load_for_inference(model_arg: str | os.PathLike | None, dtype: str | torch.d
 
 def describe(model) -> dict:
     """The engine, device and dtype a result reports of a loaded model (llama.cpp: the GGUF file's type)."""
-    if hasattr(model, "file_type"):
+    from .engine import LlamaCppModel
+
+    if isinstance(model, LlamaCppModel):
         return {"engine": "llama.cpp", "device": str(model.device), "dtype": model.file_type.lower()}
     weight = model.tok_emb.weight
     return {"engine": "torch", "device": str(weight.device), "dtype": str(weight.dtype).replace("torch.", "")}
