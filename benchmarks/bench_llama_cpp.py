@@ -23,7 +23,8 @@ llama-bench runs pp128 and tg64 at depth 128 (`-d 128`: its decode, like ours, a
 torch engine runs a bfloat16 model as `lbdl generate` would: in bfloat16 only where this CPU computes it faster
 than float32 (kernels.compute_dtype), else in float32. Perplexity tok/s: 16 windows of 512 tokens of the bundled
 validation text, the llama.cpp convention, at the largest thread count. Every cell is the median of --repeats
-runs after one warm-up; the runs of the three take turns within each repeat. "matvec ceiling" (float models): the
+runs after one warm-up; the runs of the three take turns within each repeat, and each model and thread count
+runs in a process of its own. "matvec ceiling" (float models): the
 tokens/s of a decode step that only multiplies one vector by each of the torch model's matrices with the kernels
 lbdl picks (bench_generate.py), what the torch engine cannot pass.
 
@@ -212,6 +213,24 @@ def run_one(model_dir: Path, gguf: Path, threads: int, repeats: int, tools: dict
     return out
 
 
+def measure_one(work: Path, model_dir: Path, type_: str, threads: int, repeats: int, with_perplexity: bool):
+    """One model at one thread count (a child process of main): its numbers as one JSON line on stdout."""
+    from lbdl_cli.checkpoint import default_model_dir
+    from lbdl_cli.sample.engine import cached_gguf
+    from tokenizer import Tokenizer
+
+    torch.set_num_threads(threads)
+    tools = build_tools(work)
+    prompt = torch.randint(4, 4096, (PROMPT,), generator=torch.Generator().manual_seed(0)).tolist()
+    gguf = cached_gguf(model_dir)
+    r = run_one(model_dir, gguf, threads, repeats, tools, prompt, type_.startswith("q"))
+    if with_perplexity:
+        ids = Tokenizer.load(default_model_dir()).encode(VAL.read_text())
+        r["ppl_threads"] = threads
+        r["perplexity_tok_s"] = perplexity_speeds(model_dir, gguf, threads, tools, ids, VAL)
+    print(json.dumps(r))
+
+
 def perplexity_speeds(model_dir: Path, gguf: Path, threads: int, tools: dict, ids, text: Path) -> dict:
     out = {}
     for e in ("torch", "llama.cpp"):
@@ -285,14 +304,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-perplexity", action="store_true", help="skip the perplexity speeds and parity")
     ap.add_argument("--json", type=Path, help="write every number here")
+    ap.add_argument("--one", nargs=3, metavar=("DIR", "TYPE", "THREADS"), help=argparse.SUPPRESS)
+    ap.add_argument("--with-perplexity", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     import llama_cpp
-
-    from tokenizer import Tokenizer
 
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("LBDL_CACHE_DIR", str(work / "cache"))  # the engine's exports, beside the models
+    if args.one:
+        return measure_one(work, Path(args.one[0]), args.one[1], int(args.one[2]), args.repeats,
+                           args.with_perplexity)
     load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     header = (f"{capabilities()}; {os.cpu_count()} cores, load average {load_avg:.2f} at start; Python "
               f"{platform.python_version()}, llama-cpp-python {llama_cpp.__version__}")
@@ -300,11 +322,6 @@ def main() -> None:
     print(llama_cpp.llama_print_system_info().decode(), flush=True)
     tools = build_tools(work)
     threads = [int(t) for t in args.threads.split(",")]
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(4, 4096, (PROMPT,), generator=gen).tolist()
-    from lbdl_cli.checkpoint import default_model_dir
-
-    ids = Tokenizer.load(default_model_dir()).encode(VAL.read_text())
     from lbdl_cli.sample.engine import cached_gguf
 
     results = []
@@ -312,13 +329,15 @@ def main() -> None:
         for family in args.families.split(","):
             dirs = make_models(work, shape, family, args.types.split(","))
             for t, d in dirs.items():
-                gguf = cached_gguf(d)
-                for n in threads:
+                cached_gguf(d)  # exported once, here
+                for n in threads:  # each in a process of its own, as a command runs: torch keeps per-process
+                    # state a thread count change does not reset (after 1 thread, its 2-thread decode was slower)
+                    ppl = not args.no_perplexity and n == max(threads)
+                    out = subprocess.run([sys.executable, __file__, str(work), "--one", str(d), t, str(n),
+                                          "--repeats", str(args.repeats)] + (["--with-perplexity"] if ppl else []),
+                                         check=True, capture_output=True, text=True).stdout
                     r = {"shape": shape, "family": family, "type": t, "threads": n, "params": params(d),
-                         **run_one(d, gguf, n, args.repeats, tools, prompt, t.startswith("q"))}
-                    if not args.no_perplexity and n == max(threads):
-                        r["ppl_threads"] = n
-                        r["perplexity_tok_s"] = perplexity_speeds(d, gguf, n, tools, ids, VAL)
+                         **json.loads(out.splitlines()[-1])}
                     results.append(r)
                     print(table([r]).splitlines()[-1], flush=True)
     print("\n" + header + "\n\n" + table(results))
