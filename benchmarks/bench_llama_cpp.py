@@ -124,7 +124,7 @@ def llama_perplexity(tool: Path, gguf: Path, text: Path, ctx: int, threads: int,
 
 def make_models(work: Path, shape: str, family: str, types) -> dict[str, Path]:
     """{type: model directory} of one shape and family (made once, kept in WORK)."""
-    from lbdl_cli.checkpoint import default_model_dir, load_preset, save_model
+    from lbdl_cli.checkpoint import default_model_dir, load_model, load_preset, save_model
     from lbdl_cli.model import GPT, ModelConfig
     from lbdl_cli.quantize import QuantizeConfig, quantize_dir
 
@@ -145,8 +145,6 @@ def make_models(work: Path, shape: str, family: str, types) -> dict[str, Path]:
         if d.is_dir() or t == "f32":
             continue
         if t == "bf16":
-            from lbdl_cli.checkpoint import load_model
-
             model, _ = load_model(f32)
             save_model(model.to(torch.bfloat16), d, tokenizer=tokenizer)
         else:

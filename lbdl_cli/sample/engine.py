@@ -105,13 +105,14 @@ def cached_gguf(model_dir: str | os.PathLike, dtype: str | None = None, progress
 
 
 def load_llama_cpp(model_dir: str | os.PathLike, dtype: str | None = None, progress: Progress | None = None,
-                   threads: int | None = None) -> LlamaCppModel:
-    """A model directory run by llama.cpp (exported to the cache first when it is not there)."""
+                   threads: int | None = None, config: dict | None = None) -> LlamaCppModel:
+    """A model directory run by llama.cpp (exported to the cache first when it is not there); `config`: its
+    config.json when the caller has read it."""
     from ..checkpoint import model_config, read_config
 
     require_llama_cpp()
     model_dir = Path(model_dir)
-    config = read_config(model_dir)
+    config = config if config is not None else read_config(model_dir)
     path = cached_gguf(model_dir, dtype, progress)
     return LlamaCppModel(path, model_config(config, model_dir), threads=threads)
 
@@ -119,8 +120,7 @@ def load_llama_cpp(model_dir: str | os.PathLike, dtype: str | None = None, progr
 class LlamaCppCache:
     """What generate() holds of a cache: `length` (positions filled; set back to 0 when the window slides)."""
 
-    def __init__(self, batch_size: int, max_len: int):
-        self.batch_size, self.max_len = batch_size, max_len
+    def __init__(self):
         self.length = 0
         self.filled = 0  # positions llama.cpp's memory holds: above `length` after a slide, until cleared
 
@@ -285,6 +285,5 @@ class LlamaCppModel:
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> LlamaCppCache:
         """An empty cache of `batch_size` rows (the context is emptied: one cache at a time)."""
-        max_len = max_len or self.config.block_size
-        self._context(batch_size, max_len)
-        return LlamaCppCache(batch_size, max_len)
+        self._context(batch_size, max_len or self.config.block_size)
+        return LlamaCppCache()

@@ -30,12 +30,13 @@ def load_for_inference(model_arg: str | os.PathLike | None, dtype: str | torch.d
     from ..checkpoint import default_model_dir, load_model, model_tokenizer, parse_dtype, read_config
 
     dir = Path(model_arg) if model_arg is not None else default_model_dir()
-    tok = model_tokenizer(dir, read_config(dir))  # a missing or foreign directory or tokenizer fails here
+    config = read_config(dir)
+    tok = model_tokenizer(dir, config)  # a missing or foreign directory or tokenizer fails here
     if engine != "torch":
         from .engine import check_engine_options, load_llama_cpp
 
         check_engine_options(engine, device, adapter)
-        return load_llama_cpp(dir, dtype, progress), tok, read_config(dir)
+        return load_llama_cpp(dir, dtype, progress, config=config), tok, config
     device = kernels.resolve_device(device)
     if isinstance(dtype, str) or dtype is None:
         dtype = parse_dtype(dtype)
